@@ -1,0 +1,256 @@
+"""NEFTune step cost, measured side by side in one run.
+
+Trains one model on one fixed batch with four variants, interleaved round-robin so that machine noise hits all
+of them alike:
+
+  (a) plain            no noise
+  (b) transformers     transformers' own NEFTune hook (neftune_noise_alpha; padded-length scale)
+  (c) noisyft          noisyft's NEFTune hook, per-sequence scale, padding masked
+  (d) noisyft packed   the same sequences packed into one padding-free row (position_ids), noisyft per-document
+  (d0) plain packed    the packed row without noise (the fair baseline for d)
+
+Reports the median step time (forward + backward + AdamW step) and the peak memory of a step (CUDA: allocator
+peak; CPU: peak resident-set growth sampled every millisecond), and the ratios to (a).
+
+    .venv/bin/python benchmarks/bench_neftune.py                       # SmolLM2-135M, batch 4 x 256, CPU
+    .venv/bin/python benchmarks/bench_neftune.py --model tiny --steps 30
+    .venv/bin/python benchmarks/bench_neftune.py --time-default-run    # also time `noisyft train` with defaults
+
+Results go to benchmarks/results/neftune-<device>-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+class PeakRSS:
+    """Peak resident-set size of this process during a block, sampled from /proc every millisecond."""
+
+    def __init__(self):
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self.peak = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def __enter__(self):
+        self.base = self._rss()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+def load_model(name: str):
+    if name == "tiny":
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(
+            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=2048,
+        )
+        return AutoModelForCausalLM.from_config(config)
+    from noisyft.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(name)
+    return model
+
+
+def make_batches(vocab: int, batch: int, length: int, seed: int, device):
+    """One padded batch with lengths spread over [length/4, length], and the same sequences packed in one row."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = [length] + [int(x) for x in torch.randint(length // 4, length + 1, (batch - 1,), generator=g)]
+    seqs = [torch.randint(10, vocab, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(batch, length, dtype=torch.long)
+    mask = torch.zeros(batch, length, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    padded = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    packed_ids = torch.cat(seqs)[None]
+    position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    packed_labels = packed_ids.clone()
+    packed_labels[position_ids == 0] = -100
+    packed = {"input_ids": packed_ids, "position_ids": position_ids, "labels": packed_labels}
+    move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    return move(padded), move(packed), lengths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded), 'tiny', or a model folder")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--alpha", type=float, default=5.0)
+    parser.add_argument("--attn", default="sdpa", help="attention implementation")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--time-default-run", action="store_true", help="also time `noisyft train` (defaults)")
+    parser.add_argument("--out", default=None, help="results JSON path")
+    args = parser.parse_args(argv)
+
+    from transformers.integrations.neftune import activate_neftune, deactivate_neftune
+
+    from noisyft.regularizers.neftune import NEFTuneConfig, NEFTuneHook
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = load_model(args.model).to(device)
+    model.config._attn_implementation = args.attn
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-12)  # the step runs; the weights barely move
+    padded, packed, lengths = make_batches(model.config.vocab_size, args.batch, args.length, 0, device)
+
+    ours = NEFTuneHook(NEFTuneConfig(alpha=args.alpha), seed=0)
+    variants = {
+        "a_plain": (padded, None),
+        "b_transformers_neftune": (padded, "transformers"),
+        "c_noisyft_neftune": (padded, "noisyft"),
+        "d_noisyft_packed": (packed, "noisyft"),
+        "d0_plain_packed": (packed, None),
+    }
+
+    def step(batch, noise) -> tuple[float, int]:
+        handle = None
+        if noise == "transformers":
+            handle = activate_neftune(model, args.alpha)
+        elif noise == "noisyft":
+            ours.attach(model)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else rss.growth
+        if noise == "transformers":
+            deactivate_neftune(model, handle)
+        elif noise == "noisyft":
+            ours.detach()
+        return elapsed, peak
+
+    times = {k: [] for k in variants}
+    peaks = {k: [] for k in variants}
+    order = list(variants)
+    rng = random.Random(0)
+    for i in range(args.warmup + args.steps):
+        rng.shuffle(order)  # interleaved, in a fresh order every round
+        for name in order:
+            batch, noise = variants[name]
+            t, m = step(batch, noise)
+            if i >= args.warmup:
+                times[name].append(t)
+                peaks[name].append(m)
+        print(f"round {i + 1}/{args.warmup + args.steps}", file=sys.stderr)
+
+    results = {}
+    base_t = statistics.median(times["a_plain"])
+    base_m = max(peaks["a_plain"])
+    for name in variants:
+        med = statistics.median(times[name])
+        peak = max(peaks[name])
+        results[name] = {
+            "median_step_s": round(med, 5),
+            "step_s_quartiles": [round(q, 5) for q in statistics.quantiles(times[name], n=4)],
+            "peak_mem_mb": round(peak / 2**20, 1),
+            "time_ratio_to_plain": round(med / base_t, 4),
+            "mem_ratio_to_plain": round(peak / base_m, 4) if base_m > 0 else None,
+        }
+    results["d_noisyft_packed"]["time_ratio_to_plain_packed"] = round(
+        statistics.median(times["d_noisyft_packed"]) / statistics.median(times["d0_plain_packed"]), 4
+    )
+
+    report = {
+        "benchmark": "neftune_step",
+        "command": "python benchmarks/bench_neftune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "model": args.model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "batch": {"size": args.batch, "row_width": args.length, "lengths": lengths, "tokens": sum(lengths)},
+        "alpha": args.alpha,
+        "attn_implementation": args.attn,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
+        "cpu_threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "torch": torch.__version__,
+        "memory_note": "CUDA: allocator peak above the pre-step level; CPU: peak RSS growth during the step "
+        "(allocator caching makes CPU figures coarse)",
+        "results": results,
+    }
+
+    if args.time_default_run:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "noisyft.cli", "train", "--output-dir", os.path.join(tmp, "run")]
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            report["default_train_run"] = {
+                "command": "noisyft train",
+                "wall_s": round(time.perf_counter() - t0, 1),
+                "returncode": proc.returncode,
+                "tail": proc.stdout[-600:],
+            }
+
+    out = Path(args.out) if args.out else HERE / "results" / (
+        f"neftune-{device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'variant':<26}{'median s':>10}{'x plain':>9}{'peak MB':>10}{'x plain':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:<26}{r['median_step_s']:>10.4f}{r['time_ratio_to_plain']:>9.3f}"
+            f"{r['peak_mem_mb']:>10.1f}{(r['mem_ratio_to_plain'] or 0):>9.3f}"
+        )
+    if "default_train_run" in report:
+        print(f"default `noisyft train`: {report['default_train_run']['wall_s']} s")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

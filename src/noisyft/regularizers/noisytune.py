@@ -1,0 +1,314 @@
+"""NoisyTune: perturb the pretrained weights once, with noise scaled to each matrix, before fine-tuning.
+
+Pure torch: nothing here knows about a Trainer. Call :func:`noisytune_` (or :meth:`NoisyTuneConfig.apply`)
+on the model after it is loaded (and after PEFT adapters are attached, if any) and before the first step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NoisyTuneConfig", "NoisyTuneRecord", "noisytune_", "summarize_records"]
+
+DISTRIBUTIONS = ("uniform", "gaussian")
+MODES = ("matrix", "global")
+
+# Skip reasons written to `NoisyTuneRecord.skipped`.
+SKIP_NOT_FLOAT = "not a floating-point tensor"
+SKIP_META = "on the meta device (no data)"
+SKIP_SINGLE = "single element (std undefined)"
+SKIP_ZERO_STD = "zero std (constant tensor)"
+SKIP_NONFINITE = "non-finite values (std is NaN or inf)"
+
+
+@dataclass
+class NoisyTuneConfig:
+    """https://arxiv.org/abs/2202.12024 (NoisyTune, Wu et al., ACL 2022): perturb the weights once, then fine-tune.
+
+    Before fine-tuning, every selected parameter tensor ``W`` is perturbed once, in place::
+
+        uniform  (the paper):  W <- W + U(-lam/2, +lam/2) * std(W)
+        gaussian (ablation):   W <- W + N(0, sigma^2) * std(W),   sigma = lam / sqrt(12)
+
+    ``std(W)`` is the standard deviation of the tensor's own values (``mode="matrix"``, the paper), so every
+    matrix receives noise in proportion to its own spread. ``sigma = lam / sqrt(12)`` is the standard
+    deviation of ``U(-lam/2, lam/2)``, so both distributions add noise of the same variance and the
+    ``lam`` values are comparable; only the shape (bounded vs. heavy tails) differs.
+
+    The expected relative change of a tensor is ``||dW|| / ||W|| ~= lam / sqrt(12) * std(W) / rms(W)``:
+    about ``0.043`` for ``lam=0.15`` on a zero-mean weight matrix (where ``std ~= rms``), much less on
+    tensors whose values sit far from zero (such as trained norm weights near 1).
+
+    Attributes:
+        lam: Noise intensity lambda, >= 0 (0 leaves the weights unchanged). Default ``0.15``, the
+            paper's default.
+        distribution: ``"uniform"`` (the paper) or ``"gaussian"`` (ablation, same variance). Default
+            ``"uniform"``.
+        mode: ``"matrix"``: one std per tensor (the paper). ``"global"``: one std computed over the values
+            of all perturbed tensors together (ablation). Default ``"matrix"``.
+        include: Regular expression searched (``re.search``) in each parameter name; when set, only
+            matching parameters are perturbed. Default ``None`` (all).
+        exclude: Regular expression; matching parameters are left alone, e.g. ``"embed_tokens"`` as the
+            paper did for multilingual models. Applied after ``include``. Default ``None``.
+        trainable_only: Only perturb parameters with ``requires_grad=True``, so the frozen base of a
+            LoRA model is not damaged. Default ``True``.
+        seed: Seed for the noise (a fresh CPU ``torch.Generator``); ``None`` uses torch's global RNG.
+            Default ``None``.
+
+    Tensors with zero std (constant, e.g. freshly initialized LayerNorm weights, as the paper notes) or a
+    single element (std undefined) are skipped in both modes. Tied weights (one Parameter under two names)
+    are perturbed once.
+    """
+
+    lam: float = 0.15
+    distribution: str = "uniform"
+    mode: str = "matrix"
+    include: str | None = None
+    exclude: str | None = None
+    trainable_only: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
+            raise ValueError(f"NoisyTune lam must be a number, got {self.lam!r}")
+        self.lam = float(self.lam)
+        if not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"NoisyTune lam must be a finite number >= 0, got {self.lam}")
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"NoisyTune distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"NoisyTune mode must be one of {MODES}, got {self.mode!r}")
+        for field_name in ("include", "exclude"):
+            pattern = getattr(self, field_name)
+            if pattern is None:
+                continue
+            if not isinstance(pattern, str):
+                raise ValueError(f"NoisyTune {field_name} must be a regex string or None, got {pattern!r}")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"NoisyTune {field_name} is not a valid regex ({pattern!r}): {exc}") from exc
+        if not isinstance(self.trainable_only, bool):
+            raise ValueError(f"NoisyTune trainable_only must be a bool, got {self.trainable_only!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"NoisyTune seed must be an int or None, got {self.seed!r}")
+
+    def apply(
+        self, model: torch.nn.Module, generator: torch.Generator | None = None
+    ) -> list[NoisyTuneRecord]:
+        """Perturb `model` in place with these settings; `generator` (if given) wins over `seed`."""
+        if generator is None and self.seed is not None:
+            generator = torch.Generator().manual_seed(self.seed)
+        return noisytune_(
+            model,
+            lam=self.lam,
+            distribution=self.distribution,
+            mode=self.mode,
+            include=self.include,
+            exclude=self.exclude,
+            trainable_only=self.trainable_only,
+            generator=generator,
+        )
+
+
+@dataclass
+class NoisyTuneRecord:
+    """What happened to one selected parameter tensor.
+
+    Attributes:
+        name: Parameter name (as in ``model.named_parameters()``).
+        numel: Number of values.
+        std: The std the noise was scaled by (the tensor's own, or the global one); NaN when not computed.
+        rel_change: ``||dW|| / ||W||`` (0 when skipped).
+        skipped: Why the tensor was left alone, or ``None`` if it was perturbed.
+    """
+
+    name: str
+    numel: int
+    std: float
+    rel_change: float
+    skipped: str | None = None
+
+
+def _stat_dtype(t: torch.Tensor) -> torch.dtype:
+    """Statistics in float64 for float64 tensors, else float32 (so bf16/fp16 are upcast)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _var_mean(t: torch.Tensor) -> tuple[float, float]:
+    """Unbiased variance and mean of all values, computed in float32 (or float64)."""
+    var, mean = torch.var_mean(t.detach().to(_stat_dtype(t)), correction=1)
+    return float(var), float(mean)
+
+
+class _GeneratorPerDevice:
+    """Hand out a generator for each device, all derived from the one the caller passed (if any).
+
+    Noise is drawn on the parameter's own device, and a torch generator only works for its own device,
+    so for other devices a child generator is seeded from the caller's (reproducibly).
+    """
+
+    def __init__(self, base: torch.Generator | None) -> None:
+        self.base = base
+        self.children: dict[str, torch.Generator] = {}
+
+    @staticmethod
+    def _same_device(a: torch.device, b: torch.device) -> bool:
+        if a.type != b.type:
+            return False
+        return a.type == "cpu" or a.index is None or b.index is None or a.index == b.index
+
+    def get(self, device: torch.device) -> torch.Generator | None:
+        if self.base is None or self._same_device(self.base.device, device):
+            return self.base
+        key = str(device)
+        if key not in self.children:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.base, device=self.base.device).item())
+            self.children[key] = torch.Generator(device=device).manual_seed(seed)
+        return self.children[key]
+
+
+def _draw_noise(
+    param: torch.Tensor, distribution: str, lam: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Unit-scale noise (not yet multiplied by std) with the shape of `param`, in float32 on its device."""
+    dtype = _stat_dtype(param)
+    if distribution == "uniform":
+        noise = torch.rand(param.shape, dtype=dtype, device=param.device, generator=generator)
+        return noise.sub_(0.5).mul_(lam)  # U(-lam/2, lam/2)
+    noise = torch.randn(param.shape, dtype=dtype, device=param.device, generator=generator)
+    return noise.mul_(lam / math.sqrt(12.0))  # N(0, lam^2 / 12): same variance as the uniform
+
+
+@torch.no_grad()
+def noisytune_(
+    model: torch.nn.Module,
+    *,
+    lam: float = 0.15,
+    distribution: str = "uniform",
+    mode: str = "matrix",
+    include: str | None = None,
+    exclude: str | None = None,
+    trainable_only: bool = True,
+    generator: torch.Generator | None = None,
+) -> list[NoisyTuneRecord]:
+    """Apply NoisyTune to `model` in place and return one record per selected parameter tensor.
+
+    See :class:`NoisyTuneConfig` for the formula and the meaning of every argument. Parameters left out by
+    `include` / `exclude` / `trainable_only` get no record; selected tensors that cannot be perturbed (zero
+    std, a single element, non-float, meta, non-finite) get a record with ``skipped`` set and keep their
+    values. The noise is drawn in float32 (float64 for float64 tensors) on the parameter's device from
+    `generator` (or torch's global RNG) and cast to the parameter's dtype before it is added.
+    """
+    config = NoisyTuneConfig(
+        lam=lam,
+        distribution=distribution,
+        mode=mode,
+        include=include,
+        exclude=exclude,
+        trainable_only=trainable_only,
+    )
+    include_re = re.compile(config.include) if config.include is not None else None
+    exclude_re = re.compile(config.exclude) if config.exclude is not None else None
+
+    # 1) select, and compute each tensor's statistics once.
+    records: list[NoisyTuneRecord] = []
+    todo: list[tuple[NoisyTuneRecord, torch.nn.Parameter, float, float]] = []  # record, param, var, mean
+    n_unselected = 0
+    for name, param in model.named_parameters():  # deduplicates tied weights: each Parameter once
+        if (
+            (config.trainable_only and not param.requires_grad)
+            or (include_re is not None and include_re.search(name) is None)
+            or (exclude_re is not None and exclude_re.search(name) is not None)
+        ):
+            n_unselected += 1
+            continue
+        record = NoisyTuneRecord(name=name, numel=param.numel(), std=math.nan, rel_change=0.0)
+        records.append(record)
+        if not param.is_floating_point():
+            record.skipped = SKIP_NOT_FLOAT
+            continue
+        if param.is_meta:
+            record.skipped = SKIP_META
+            continue
+        if param.numel() < 2:
+            record.skipped = SKIP_SINGLE
+            continue
+        var, mean = _var_mean(param)
+        if not (math.isfinite(var) and math.isfinite(mean)):
+            record.skipped = SKIP_NONFINITE
+            continue
+        if var <= 0.0:
+            record.std = 0.0
+            record.skipped = SKIP_ZERO_STD
+            continue
+        record.std = math.sqrt(var)
+        todo.append((record, param, var, mean))
+
+    # 2) global mode: one std over the values of all tensors that will be perturbed, by merging the
+    #    per-tensor (count, mean, M2) in float64 (Chan et al.'s pairwise update), no concatenation.
+    if config.mode == "global" and todo:
+        count, mean_all, m2_all = 0, 0.0, 0.0
+        for record, _, var, mean in todo:
+            n = record.numel
+            delta = mean - mean_all
+            total = count + n
+            mean_all += delta * n / total
+            m2_all += var * (n - 1) + delta * delta * count * n / total
+            count = total
+        global_std = math.sqrt(m2_all / (count - 1))
+        for record, *_ in todo:
+            record.std = global_std
+
+    # 3) perturb.
+    generators = _GeneratorPerDevice(generator)
+    for record, param, _, _ in todo:
+        noise = _draw_noise(param, config.distribution, config.lam, generators.get(param.device))
+        delta = noise.mul_(record.std).to(param.dtype)
+        weight_norm = float(torch.linalg.vector_norm(param.detach().to(_stat_dtype(param))))
+        delta_norm = float(torch.linalg.vector_norm(delta.to(_stat_dtype(param))))
+        param.add_(delta)
+        record.rel_change = delta_norm / weight_norm if weight_norm > 0 else math.inf
+
+    summary = summarize_records(records)
+    reasons: dict[str, int] = {}
+    for record in records:
+        if record.skipped is not None:
+            reasons[record.skipped] = reasons.get(record.skipped, 0) + 1
+    logger.info(
+        "NoisyTune (%s, %s, lam=%g): perturbed %d tensors (%d values), skipped %d%s, %d not selected; "
+        "mean relative change %.4g (uniform expectation for zero-mean weights: lam/sqrt(12) = %.4g)",
+        config.distribution,
+        config.mode,
+        config.lam,
+        summary["perturbed"],
+        summary["perturbed_numel"],
+        summary["skipped"],
+        (" (" + ", ".join(f"{reason}: {n}" for reason, n in reasons.items()) + ")") if reasons else "",
+        n_unselected,
+        summary["mean_rel_change"],
+        config.lam / math.sqrt(12.0),
+    )
+    return records
+
+
+def summarize_records(records: list[NoisyTuneRecord]) -> dict[str, float]:
+    """Counts and mean/max relative change of a NoisyTune report (e.g. to log it with the run's metrics)."""
+    done = [r for r in records if r.skipped is None]
+    rel = [r.rel_change for r in done]
+    return {
+        "perturbed": len(done),
+        "skipped": len(records) - len(done),
+        "perturbed_numel": sum(r.numel for r in done),
+        "mean_rel_change": sum(rel) / len(rel) if rel else 0.0,
+        "max_rel_change": max(rel) if rel else 0.0,
+    }
