@@ -79,8 +79,13 @@ def load_model(name: str):
         from transformers import AutoModelForCausalLM, LlamaConfig
 
         config = LlamaConfig(
-            vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=2048,
+            vocab_size=4096,
+            hidden_size=256,
+            intermediate_size=768,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=2048,
         )
         return AutoModelForCausalLM.from_config(config)
     from noisyft.models import load_model_and_tokenizer
@@ -111,7 +116,9 @@ def make_batches(vocab: int, batch: int, length: int, seed: int, device):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2", help="'smollm2' (embedded), 'tiny', or a model folder")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--length", type=int, default=256)
@@ -120,7 +127,9 @@ def main(argv=None) -> int:
     parser.add_argument("--alpha", type=float, default=5.0)
     parser.add_argument("--attn", default="sdpa", help="attention implementation")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--time-default-run", action="store_true", help="also time `noisyft train` (defaults)")
+    parser.add_argument(
+        "--time-default-run", action="store_true", help="also time `noisyft train` (defaults)"
+    )
     parser.add_argument("--out", default=None, help="results JSON path")
     args = parser.parse_args(argv)
 
@@ -206,7 +215,8 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "neftune_step",
-        "command": "python benchmarks/bench_neftune.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python benchmarks/bench_neftune.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
         "model": args.model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "batch": {"size": args.batch, "row_width": args.length, "lengths": lengths, "tokens": sum(lengths)},
@@ -235,8 +245,10 @@ def main(argv=None) -> int:
                 "tail": proc.stdout[-600:],
             }
 
-    out = Path(args.out) if args.out else HERE / "results" / (
-        f"neftune-{device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else HERE / "results" / (f"neftune-{device.type}-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json")
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

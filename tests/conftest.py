@@ -66,7 +66,24 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
 
     special = ["<pad>", "<s>", "</s>", "<unk>"]
     # a few English words used by test data, then filler words up to vocab_size
-    extra = "below is an instruction that describes a task write response ### : user assistant hello world".split()
+    extra = [
+        "below",
+        "is",
+        "an",
+        "instruction",
+        "that",
+        "describes",
+        "a",
+        "task",
+        "write",
+        "response",
+        "###",
+        ":",
+        "user",
+        "assistant",
+        "hello",
+        "world",
+    ]
     words = special + extra + [f"w{i}" for i in range(vocab_size - len(special) - len(extra))]
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))

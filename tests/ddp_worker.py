@@ -11,12 +11,13 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 
 def main(out_dir: str) -> None:
-    from conftest import tiny_llama, tiny_tokenizer
-    from test_trainer import _dataset
     from trl import SFTConfig
 
     from noisyft import NEFTuneConfig, NoisySFTTrainer, NoisyTuneConfig
     from noisyft.regularizers import neftune as neftune_module
+
+    from conftest import tiny_llama, tiny_tokenizer
+    from test_trainer import _dataset
 
     rank = int(os.environ["RANK"])
     draws = []

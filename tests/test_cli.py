@@ -9,9 +9,10 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_tokenizer
 
 from noisyft.cli import build_parser, main, resolve_train_config
+
+from conftest import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture
@@ -22,7 +23,10 @@ def tiny_run_inputs(tmp_path):
     data = tmp_path / "data.jsonl"
     with data.open("w") as f:
         for i in range(24):
-            f.write(json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"}) + "\n")
+            f.write(
+                json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"})
+                + "\n"
+            )
     return model_dir, data
 
 
@@ -69,8 +73,16 @@ def test_noisytune_plus_neftune_and_lora(tiny_run_inputs, tmp_path):
     model_dir, data = tiny_run_inputs
     out = tmp_path / "run"
     code = _run(
-        model_dir, data, out, "--method", "noisytune+neftune", "--lora", "--lora-target-modules", "q_proj,v_proj",
-        "--eval-data", "none",
+        model_dir,
+        data,
+        out,
+        "--method",
+        "noisytune+neftune",
+        "--lora",
+        "--lora-target-modules",
+        "q_proj,v_proj",
+        "--eval-data",
+        "none",
     )
     assert code == 0
     report = json.loads((out / "noisytune_report.json").read_text())
@@ -81,7 +93,9 @@ def test_noisytune_plus_neftune_and_lora(tiny_run_inputs, tmp_path):
 
 def test_yaml_config_flags_override_and_unknown_keys_fail(tmp_path):
     cfg_file = tmp_path / "run.yaml"
-    cfg_file.write_text("method: noisytune\nnoisytune_lambda: 0.1\nlearning_rate: 1.0e-4\nmax_examples: null\n")
+    cfg_file.write_text(
+        "method: noisytune\nnoisytune_lambda: 0.1\nlearning_rate: 1.0e-4\nmax_examples: null\n"
+    )
     ns = build_parser().parse_args(["train", "--config", str(cfg_file), "--noisytune-lambda", "0.2"])
     cfg = resolve_train_config(ns)
     assert cfg.method == "noisytune" and cfg.noisytune_lambda == 0.2 and cfg.learning_rate == 1e-4
@@ -172,4 +186,7 @@ def test_help_is_fast_and_documents_every_option():
         assert flag in proc.stdout, flag
     # --help must not import torch / transformers
     probe = "import sys, noisyft.cli; noisyft.cli.build_parser(); print('torch' in sys.modules)"
-    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "False"
+    assert (
+        subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip()
+        == "False"
+    )

@@ -173,6 +173,14 @@ def test_forced_format_reports_missing_fields(tmp_path):
         load_conversations(path, format="csv")
 
 
+def test_json_lines_under_a_json_name_and_single_object(tmp_path):
+    convs, _ = load_conversations(_write(tmp_path / "lines.json", [ALPACA_IN, ALPACA_NO_IN], jsonl=True))
+    assert len(convs) == 2
+    (tmp_path / "one.json").write_text(json.dumps(ALPACA_IN), encoding="utf-8")
+    with pytest.raises(data.DataSourceError, match="expected a JSON array of records"):
+        load_conversations(tmp_path / "one.json")
+
+
 def test_missing_file_and_hub_failure(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError):
         load_conversations(tmp_path / "nope.jsonl")
@@ -320,16 +328,24 @@ def test_skip_bad_records_reports_counts_per_kind(tmp_path, caplog):
     assert report.to_dict()["bad_by_kind"]["not an object"] == 1
 
 
+def test_broken_json_array_keeps_the_records_before_the_break(tmp_path):
+    path = tmp_path / "cut.json"
+    path.write_text(json.dumps([ALPACA_IN, ALPACA_NO_IN], indent=1)[:-30], encoding="utf-8")
+    convs, report = load_conversations(path, skip_bad_records=True)
+    assert len(convs) == 1 and report.bad_by_kind == {"invalid JSON": 1}
+    assert "record 2 (line " in report.bad_examples[0] and "could not be read" in report.bad_examples[0]
+
+
 def test_no_usable_records(tmp_path):
     with pytest.raises(ValueError, match="no usable records"):
         load_conversations(_write(tmp_path / "e.jsonl", [{"foo": 1}]), skip_bad_records=True)
 
 
-def test_limit_stops_after_n_good_records(tmp_path):
+def test_limit_stops_after_n_good_records(tmp_path, tok):
     records = [ALPACA_IN, {"foo": 1}, ALPACA_NO_IN, ALPACA_IN, {"bar": 2}]
     convs, report = load_conversations(_write(tmp_path / "l.jsonl", records), limit=2, skip_bad_records=True)
     assert len(convs) == 2 and report.n_records == 3 and report.n_bad == 1  # record 5 is never read
-    ds, report = build_sft_dataset(_write(tmp_path / "l2.jsonl", [ALPACA_IN] * 5), _tokenizer(), limit=3)
+    ds, report = build_sft_dataset(_write(tmp_path / "l2.jsonl", [ALPACA_IN] * 5), tok, limit=3)
     assert len(ds) == 3 and report.n_records == 3
 
 
@@ -463,9 +479,8 @@ def test_chat_masks_and_no_extra_bos(tmp_path, tok):
     ids, mask = ds[0]["input_ids"], ds[0]["assistant_masks"]
     assert tok.bos_token_id not in ids  # the chat template's text is tokenized without added special tokens
     runs = [tok.decode(run) for run in _runs(ids, mask)]
-    # the newline after <|im_end|> is a whitespace token that the byte-level offsets trim to zero width at the
-    # span's end, so it stays unmasked; the end-of-turn marker itself is learned
-    assert runs == ["Hello! How can I help?<|im_end|>", "Why did the chicken cross the road?<|im_end|>"]
+    # exactly the chat template's reply spans, end-of-turn marker (and its newline) included
+    assert runs == ["Hello! How can I help?<|im_end|>\n", "Why did the chicken cross the road?<|im_end|>\n"]
 
 
 def test_completion_only_loss_false_masks_everything(tmp_path, tok):
@@ -526,6 +541,21 @@ def test_dataset_is_ready_for_trl_labels(tmp_path, tok):
     row = ds[0]
     assert len(row["input_ids"]) == len(row["assistant_masks"]) and set(row["assistant_masks"]) == {0, 1}
     assert all(isinstance(i, int) for i in row["input_ids"])
+
+
+def test_trl_sft_trainer_builds_labels_from_the_masks(tmp_path, tok):
+    from trl import SFTConfig, SFTTrainer
+
+    from conftest import tiny_llama
+
+    ds, _ = build_sft_dataset(datasets.Dataset.from_list([SHAREGPT] * 2), tok)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), report_to=[], max_length=512, use_cpu=True)
+    trainer = SFTTrainer(
+        model=tiny_llama(vocab_size=len(tok)), args=args, train_dataset=ds, processing_class=tok
+    )
+    labels = trainer.train_dataset[0]["labels"]
+    expected = [i if m else -100 for i, m in zip(ds[0]["input_ids"], ds[0]["assistant_masks"], strict=True)]
+    assert labels == expected
 
 
 # ---------------------------------------------------------------------------------------------- embedded

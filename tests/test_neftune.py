@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 from noisyft.regularizers.neftune import (
     NEFTuneConfig,
@@ -15,6 +14,8 @@ from noisyft.regularizers.neftune import (
     rank_seed,
     token_sequence_lengths,
 )
+
+from conftest import tiny_llama
 
 D = 64
 
@@ -50,7 +51,9 @@ def test_expected_squared_norm_is_alpha_squared_over_three_whatever_the_length()
     embeds = torch.zeros(400, 32, D)
     lengths = torch.tensor([32, 8] * 200)
     mask = (torch.arange(32)[None, :] < lengths[:, None]).long()
-    noise = neftune_noise(embeds, alpha=alpha, attention_mask=mask, generator=torch.Generator().manual_seed(1))
+    noise = neftune_noise(
+        embeds, alpha=alpha, attention_mask=mask, generator=torch.Generator().manual_seed(1)
+    )
     sq = noise.pow(2).sum(dim=(1, 2))  # per sequence
     for length in (32, 8):
         mean = sq[lengths == length].mean().item()
@@ -79,7 +82,9 @@ def test_packed_rows_get_per_document_scale():
     lengths = token_sequence_lengths((1, 16), position_ids=position_ids)
     assert lengths.tolist() == [[3.0] * 3 + [5.0] * 5 + [8.0] * 8]
     embeds = torch.zeros(1, 16, 2048)
-    noise = neftune_noise(embeds, alpha=alpha, position_ids=position_ids, generator=torch.Generator().manual_seed(0))
+    noise = neftune_noise(
+        embeds, alpha=alpha, position_ids=position_ids, generator=torch.Generator().manual_seed(0)
+    )
     for lo, hi, length in [(0, 3, 3), (3, 8, 5), (8, 16, 8)]:
         chunk = noise[0, lo:hi]
         bound = _bound(alpha, length, 2048)
@@ -112,7 +117,9 @@ def test_padded_scale_equals_transformers_hook_under_same_seed():
 def test_gaussian_std():
     alpha = 2.0
     embeds = torch.zeros(8, 64, 256)
-    noise = neftune_noise(embeds, alpha=alpha, distribution="gaussian", generator=torch.Generator().manual_seed(0))
+    noise = neftune_noise(
+        embeds, alpha=alpha, distribution="gaussian", generator=torch.Generator().manual_seed(0)
+    )
     assert noise.std().item() == pytest.approx(_bound(alpha, 64, 256), rel=0.02)
     uniform = neftune_noise(embeds, alpha=alpha, generator=torch.Generator().manual_seed(0))
     assert noise.std().item() / uniform.std().item() == pytest.approx(math.sqrt(3), rel=0.02)
@@ -148,7 +155,14 @@ def _first_layer_inputs(model):
     """Capture what the first decoder layer receives (embeddings after every embedding hook)."""
     seen = []
     layer = model.model.layers[0]
-    handle = layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0].detach().clone()) if args else seen.append(kwargs["hidden_states"].detach().clone()), with_kwargs=True)  # noqa: E501
+    handle = layer.register_forward_pre_hook(
+        lambda m, args, kwargs: (
+            seen.append(args[0].detach().clone())
+            if args
+            else seen.append(kwargs["hidden_states"].detach().clone())
+        ),
+        with_kwargs=True,
+    )
     return seen, handle
 
 

@@ -7,10 +7,11 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 from noisyft.regularizers.neftune import NEFTuneConfig
 from noisyft.regularizers.noisytune import NoisyTuneConfig
+
+from conftest import tiny_llama, tiny_tokenizer
 
 
 def _dataset(n=24, seed=0):
@@ -53,7 +54,6 @@ def _train(tmp_path, trainer_cls=None, model=None, args=None, **trainer_kw):
     from trl import SFTTrainer
 
     from noisyft import NoisySFTTrainer
-    from tests_helpers_tokenizer import pad_tokenizer
 
     trainer_cls = trainer_cls or NoisySFTTrainer
     model = model or tiny_llama()
@@ -61,7 +61,7 @@ def _train(tmp_path, trainer_cls=None, model=None, args=None, **trainer_kw):
         model=model,
         args=args or _args(tmp_path),
         train_dataset=_dataset(),
-        processing_class=pad_tokenizer(),
+        processing_class=tiny_tokenizer(),
         **trainer_kw,
     )
     assert isinstance(trainer, SFTTrainer)
@@ -90,7 +90,9 @@ def test_alpha_zero_trains_exactly_like_plain_sft(tmp_path):
 def test_padded_scale_with_global_rng_reproduces_transformers_neftune(tmp_path):
     from trl import SFTTrainer
 
-    theirs = _train(tmp_path / "a", trainer_cls=SFTTrainer, args=_args(tmp_path / "a", neftune_noise_alpha=5.0))
+    theirs = _train(
+        tmp_path / "a", trainer_cls=SFTTrainer, args=_args(tmp_path / "a", neftune_noise_alpha=5.0)
+    )
     ours = _train(tmp_path / "b", neftune=NEFTuneConfig(alpha=5.0, scale="padded", use_global_rng=True))
     seq = _train(tmp_path / "c", neftune=NEFTuneConfig(alpha=5.0, use_global_rng=True))
     pt, po, ps = _params(theirs.model), _params(ours.model), _params(seq.model)
@@ -133,13 +135,12 @@ def test_resume_continues_the_same_noise_stream(tmp_path):
     assert (ckpt / "noisyft_neftune_rank0.pt").is_file()
 
     from noisyft import NoisySFTTrainer
-    from tests_helpers_tokenizer import pad_tokenizer
 
     resumed = NoisySFTTrainer(
         model=tiny_llama(),
         args=args,
         train_dataset=_dataset(),
-        processing_class=pad_tokenizer(),
+        processing_class=tiny_tokenizer(),
         neftune=NEFTuneConfig(alpha=10.0),
     )
     resumed.train(resume_from_checkpoint=str(ckpt))
@@ -152,7 +153,7 @@ def test_resume_continues_the_same_noise_stream(tmp_path):
         model=tiny_llama(),
         args=args,
         train_dataset=_dataset(),
-        processing_class=pad_tokenizer(),
+        processing_class=tiny_tokenizer(),
         neftune=NEFTuneConfig(alpha=10.0),
     )
     broken.train(resume_from_checkpoint=str(ckpt))
@@ -186,7 +187,9 @@ def test_packed_padding_free_batches_get_per_document_noise(tmp_path):
 def test_noisytune_applied_once_with_report(tmp_path):
     model = tiny_llama()
     before = _params(model)
-    trainer = _train(tmp_path, model=model, args=_args(tmp_path, learning_rate=0.0), noisytune=NoisyTuneConfig())
+    trainer = _train(
+        tmp_path, model=model, args=_args(tmp_path, learning_rate=0.0), noisytune=NoisyTuneConfig()
+    )
     after = _params(trainer.model)
     changed = [n for n in before if not torch.equal(before[n], after[n])]
     assert "model.embed_tokens.weight" in changed and "lm_head.weight" in changed

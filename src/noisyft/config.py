@@ -99,8 +99,10 @@ class TrainConfig:
     neftune_response_only: bool = field(default=False, metadata={"help": "noise response tokens only"})
     neftune_global_rng: bool = field(
         default=False,
-        metadata={"help": "draw from torch's global RNG as transformers does (with --neftune-scale padded: "
-                  "bit-identical to a neftune_noise_alpha run); default: a dedicated per-rank stream"},
+        metadata={
+            "help": "draw from torch's global RNG as transformers does (with --neftune-scale padded: "
+            "bit-identical to a neftune_noise_alpha run); default: a dedicated per-rank stream"
+        },
     )
     noisytune_lambda: float = field(default=0.15, metadata={"help": "NoisyTune lambda (paper: 0.15)"})
     noisytune_distribution: str = field(default="uniform", metadata={"help": "uniform (paper) or gaussian"})

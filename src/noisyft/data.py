@@ -88,7 +88,7 @@ class DataReport:
     bad_by_kind: dict[str, int] = dataclasses.field(default_factory=dict)
     bad_examples: list[str] = dataclasses.field(default_factory=list)  # first 20 messages
     n_truncated: int = 0  # records longer than max_length, cut to max_length
-    n_no_response_after_truncation: int = 0  # dropped: truncation left no response token
+    n_no_response_after_truncation: int = 0  # truncation left no response token: dropped (completion-only)
     n_examples: int = 0  # examples (conversations, or tokenized examples) returned
     n_tokens: int = 0  # total tokens
     n_response_tokens: int = 0  # tokens with loss
@@ -98,7 +98,9 @@ class DataReport:
         return dataclasses.asdict(self)
 
 
-class _Bad(Exception):
+class RecordProblem(ValueError):
+    """What is wrong with one record (raised by :func:`normalize_record`)."""
+
     def __init__(self, kind: str, field: str, problem: str):
         super().__init__(problem)
         self.kind, self.field, self.problem = kind, field, problem
@@ -185,6 +187,16 @@ def _read_jsonl(path: Path, origin: str) -> Iterator[_Item]:
 
 def _read_json(path: Path, origin: str) -> Iterator[_Item]:
     text = _read_text(path)
+    if text.lstrip().startswith("{"):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            if e.msg == "Extra data":  # one object per line: JSON Lines under a .json name
+                logger.info("%s holds JSON Lines, not a JSON array; reading it line by line", origin)
+                yield from _read_jsonl(path, origin)
+                return
+        else:
+            raise DataSourceError(f"{origin}: holds one JSON object; expected a JSON array of records")
     index = 0
     try:
         for index, record in enumerate(scan_json_array(text), 1):
@@ -230,7 +242,7 @@ def _open_source(source: Any, split: str) -> tuple[str, Iterator[_Item]]:
         raise TypeError(
             f"source must be a path, a dataset name or a datasets.Dataset, not {type(source).__name__}"
         )
-    name = os.fspath(source)
+    name = os.path.expanduser(os.fspath(source))
     if (
         isinstance(source, str)
         and (name == "sharegpt" or name.startswith("sharegpt:"))
@@ -247,8 +259,7 @@ def _open_source(source: Any, split: str) -> tuple[str, Iterator[_Item]]:
         return label, _read_jsonl(embedded_data.sharegpt_split(which), label)
     path = Path(name)
     if path.is_file():
-        reader = _read_jsonl if path.suffix.lower() == ".jsonl" else _read_json
-        return name, reader(path, name)
+        return name, _read_file(path, name)
     if path.is_dir():
         if _is_saved_dataset(path):
             loaded = datasets.load_from_disk(name)
@@ -274,7 +285,11 @@ def _open_source(source: Any, split: str) -> tuple[str, Iterator[_Item]]:
 
 def _chain_files(files: list[Path]) -> Iterator[_Item]:
     for f in files:
-        yield from (_read_jsonl if f.suffix.lower() == ".jsonl" else _read_json)(f, str(f))
+        yield from _read_file(f, str(f))
+
+
+def _read_file(path: Path, origin: str) -> Iterator[_Item]:
+    return (_read_jsonl if path.suffix.lower() in (".jsonl", ".ndjson") else _read_json)(path, origin)
 
 
 def _load_hub(name: str, split: str) -> Any:
@@ -305,11 +320,13 @@ def detect_format(record: dict) -> str | None:
 def _text(record: dict, key: str, field: str, *, required: bool = True) -> str:
     if key not in record or (record[key] is None and not required):
         if required:
-            raise _Bad("missing field", field, "missing required field")
+            raise RecordProblem("missing field", field, "missing required field")
         return ""
     value = record[key]
     if not isinstance(value, str):
-        raise _Bad("wrong type", field, f"expected a string, got {type(value).__name__} ({_short(value)})")
+        raise RecordProblem(
+            "wrong type", field, f"expected a string, got {type(value).__name__} ({_short(value)})"
+        )
     return value
 
 
@@ -323,9 +340,9 @@ def _normalize_alpaca(record: dict) -> list[dict]:
     extra = _text(record, "input", "input", required=False)
     output = _text(record, "output", "output")
     if not instruction.strip():
-        raise _Bad("empty instruction", "instruction", "empty instruction")
+        raise RecordProblem("empty instruction", "instruction", "empty instruction")
     if not output.strip():
-        raise _Bad("empty response", "output", "empty response")
+        raise RecordProblem("empty response", "output", "empty response")
     return [
         {"role": "user", "content": instruction, "input": extra},
         {"role": "assistant", "content": output},
@@ -336,20 +353,22 @@ def _normalize_turns(
     record: dict, key: str, role_key: str, text_key: str, roles: dict[str, str]
 ) -> list[dict]:
     if key not in record:
-        raise _Bad("missing field", key, "missing required field")
+        raise RecordProblem("missing field", key, "missing required field")
     turns = record[key]
     if not isinstance(turns, list):
-        raise _Bad(
+        raise RecordProblem(
             "wrong type", key, f"expected a list of turns, got {type(turns).__name__} ({_short(turns)})"
         )
     conversation = []
     for i, turn in enumerate(turns):
         where = f"{key}[{i}]"
         if not isinstance(turn, dict):
-            raise _Bad("wrong type", where, f"expected an object, got {type(turn).__name__} ({_short(turn)})")
+            raise RecordProblem(
+                "wrong type", where, f"expected an object, got {type(turn).__name__} ({_short(turn)})"
+            )
         role = _text(turn, role_key, f"{where}.{role_key}")
         if role not in roles:
-            raise _Bad("unknown role", f"{where}.{role_key}", f"unknown role {role!r}")
+            raise RecordProblem("unknown role", f"{where}.{role_key}", f"unknown role {role!r}")
         conversation.append(
             {"role": roles[role], "content": _text(turn, text_key, f"{where}.{text_key}"), "_at": where}
         )
@@ -369,17 +388,19 @@ def _finish(conversation: list[dict], key: str, text_key: str) -> tuple[list[dic
             )
         else:
             problem = "no assistant turn" + (" (empty conversation)" if not conversation else "")
-        raise _Bad("no assistant turn", key, problem)
+        raise RecordProblem("no assistant turn", key, problem)
     for t in replies:
         if not t["content"].strip():
-            raise _Bad("empty response", f"{t['_at']}.{text_key}", "empty response")
+            raise RecordProblem("empty response", f"{t['_at']}.{text_key}", "empty response")
     return [{"role": t["role"], "content": t["content"]} for t in kept], dropped
 
 
 def normalize_record(record: Any, format: str = "auto") -> tuple[list[dict], str, bool]:
-    """Validate one raw record; return (conversation, format, opening replies dropped?) or raise ``_Bad``."""
+    """Validate one raw record; return (conversation, format, opening replies dropped?) or raise :class:`RecordProblem`."""
     if not isinstance(record, dict):
-        raise _Bad("not an object", WHOLE_RECORD, f"record is not a JSON object but {type(record).__name__}")
+        raise RecordProblem(
+            "not an object", WHOLE_RECORD, f"record is not a JSON object but {type(record).__name__}"
+        )
     fmt = detect_format(record) if format == "auto" else format
     if fmt == "alpaca":
         return _normalize_alpaca(record), fmt, False
@@ -392,7 +413,7 @@ def normalize_record(record: Any, format: str = "auto") -> tuple[list[dict], str
         conversation, dropped = _finish(turns, "messages", "content")
         return conversation, fmt, dropped
     keys = ", ".join(sorted(map(str, record))) or "none"
-    raise _Bad(
+    raise RecordProblem(
         "unknown format",
         WHOLE_RECORD,
         f"format not recognizable (keys: {keys}); expected Alpaca (instruction/input/output), "
@@ -425,7 +446,7 @@ def _collect(
             continue
         try:
             conversation, fmt, dropped = normalize_record(record, format)
-        except _Bad as b:
+        except RecordProblem as b:
             bad.append(BadRecord(origin, index, b.field, b.problem, b.kind, line))
             continue
         formats[fmt] += 1
@@ -514,7 +535,8 @@ def response_mask(offsets: list[tuple[int, int]], ranges: list[tuple[int, int]])
         hit = False
         if r < len(ranges):
             lo, hi = ranges[r]
-            # zero-width tokens (special tokens the tokenizer adds) count only when they sit inside a response
+            # zero-width tokens (special tokens the tokenizer adds, whitespace whose offsets were trimmed)
+            # count when they sit inside a response
             hit = (start < hi and end > lo) if end > start else lo <= start < hi
         mask.append(int(hit))
     return mask
@@ -590,9 +612,11 @@ def build_sft_dataset(
     segment of the template. The tokenizer adds its special tokens (BOS) for alpaca/vicuna, not for
     ``"chat"`` (the chat template writes them). Examples longer than ``max_length`` keep their start; those
     left without any response token are dropped. Records the template cannot render count as bad records
-    (kind ``"template error"``). Everything is counted in the returned :class:`DataReport`.
+    (kind ``"template error"``). ``limit`` counts good records as :func:`load_conversations` does, so
+    template errors and truncation may leave fewer examples. Everything is counted in the :class:`DataReport`.
     """
     import datasets
+    import jinja2
 
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -606,8 +630,6 @@ def build_sft_dataset(
 
     texts: list[str] = []
     all_ranges: list[list[tuple[int, int]]] = []
-    import jinja2
-
     for conversation, (origin, index, line) in zip(conversations, locs, strict=True):
         try:
             text, ranges = _join(templates.render_segments(conversation, tokenizer, name))
@@ -650,7 +672,10 @@ def build_sft_dataset(
             report.n_no_response_after_truncation,
             max_length,
         )
-    _check_usable(report, len(input_ids))
+    if not input_ids:
+        raise ValueError(
+            f"no example of {report.source} keeps a response token within max_length={max_length} tokens"
+        )
     report.n_examples = len(input_ids)
     logger.info(
         "built %d examples from %s (template %s): %d tokens, %d with loss; %d truncated to %d tokens",

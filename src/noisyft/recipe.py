@@ -58,7 +58,9 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
                 "--overwrite-output-dir or --resume-from-checkpoint, or choose another --output-dir"
             )
         if present:
-            logger.warning("%s holds files of an unfinished run (%s); they are replaced", out, ", ".join(sorted(present)))
+            logger.warning(
+                "%s holds files of an unfinished run (%s); they are replaced", out, ", ".join(sorted(present))
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -67,7 +69,6 @@ def _sft_config(cfg: TrainConfig, out: Path):
     import dataclasses
 
     import torch
-
     from trl import SFTConfig
 
     known = {f.name for f in dataclasses.fields(SFTConfig)}

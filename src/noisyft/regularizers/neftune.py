@@ -281,7 +281,7 @@ class NEFTuneHook:
     def _add_noise(self, module, inputs, output):
         if not (module.training and torch.is_grad_enabled()) or self.config.alpha == 0:
             return None
-        B, L = output.shape[:2]
+        L = output.shape[1]
         batch = {k: v for k, v in self._batch.items() if v is not None and v.shape[-1] == L}
         noise = neftune_noise(
             output,
