@@ -26,9 +26,10 @@ def _fixed_seeds():
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Tests never write to the user's cache, except the embedded-model tests which opt in (they reuse it).
-    if "NOISYFT_TEST_USE_USER_CACHE" not in os.environ:
+def _isolated_cache(request, tmp_path_factory, monkeypatch):
+    """Tests write to a temporary cache; tests marked `embedded` share the user's cache (~/.cache/noisyft), so
+    the embedded model is converted once per machine, not once per test session."""
+    if request.node.get_closest_marker("embedded") is None:
         monkeypatch.setenv("NOISYFT_CACHE", str(tmp_path_factory.getbasetemp() / "noisyft-cache"))
     yield
 

@@ -54,7 +54,7 @@ class TrainConfig:
         },
     )
     max_examples: int | None = field(
-        default=160, metadata={"help": "use the first N good records (None: all)"}
+        default=48, metadata={"help": "use the first N good records (None: all)"}
     )
     max_length: int = field(
         default=512, metadata={"help": "tokens per example; longer ones are truncated, counted"}
@@ -83,7 +83,7 @@ class TrainConfig:
             "when training on the embedded data; 'none' to skip)"
         },
     )
-    eval_max_examples: int | None = field(default=32, metadata={"help": "held-out records to evaluate"})
+    eval_max_examples: int | None = field(default=16, metadata={"help": "held-out records to evaluate"})
 
     # -- method -------------------------------------------------------------------------------------------------
     method: str = field(default="neftune", metadata={"help": "none, neftune, noisytune or noisytune+neftune"})

@@ -177,15 +177,14 @@ def _convert_embedded(gguf: Path, out: Path) -> None:
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and (tokenizer.model_max_length is None or tokenizer.model_max_length > max_positions):
         tokenizer.model_max_length = int(max_positions)
-    model.save_pretrained(str(out), safe_serialization=True)
+    model.save_pretrained(str(out))  # safetensors, the only format transformers 5 writes
     tokenizer.save_pretrained(str(out))
     (out / _MARKER_FILE).write_text(json.dumps(_source_fingerprint(gguf), indent=2) + "\n", encoding="utf-8")
     logger.info(
-        "Converted %s (%.1fM parameters, %s) to %s in %.1fs",
+        "Dequantized %s (%.1fM parameters, %s) and saved it in %.1fs",
         gguf.name,
         sum(p.numel() for p in model.parameters()) / 1e6,
         str(model.dtype).removeprefix("torch."),
-        out,
         time.perf_counter() - start,
     )
 
@@ -206,6 +205,7 @@ def ensure_embedded_model(*, force: bool = False) -> Path:
         logger.info("Converting the embedded model %s to %s (once)", gguf.name, folder)
         with atomic_dir(folder) as tmp:
             _convert_embedded(gguf, tmp)
+        logger.info("Cached the embedded model at %s", folder)
     return folder
 
 
