@@ -213,6 +213,37 @@ def main(argv=None) -> int:
         statistics.median(times["d_noisyft_packed"]) / statistics.median(times["d0_plain_packed"]), 4
     )
 
+    # The hooks' own cost, timed in isolation on this batch's embeddings: a precise bound on the overhead that
+    # the step medians above can only resolve to within the machine's noise.
+    from transformers.integrations.neftune import neftune_post_forward_hook
+
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(padded["input_ids"])
+    embedding = model.get_input_embeddings()
+    ours._batch = {"attention_mask": padded["attention_mask"]}
+
+    def time_call(fn, reps=30):
+        samples = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - t0)
+        return statistics.median(samples)
+
+    with torch.enable_grad():
+        embedding.train()
+        embedding.neftune_noise_alpha = args.alpha
+        t_theirs = time_call(lambda: neftune_post_forward_hook(embedding, None, embeds))
+        del embedding.neftune_noise_alpha
+        t_ours = time_call(lambda: ours._add_noise(embedding, None, embeds))
+    hook_cost = {
+        "transformers_hook_ms": round(t_theirs * 1e3, 3),
+        "noisyft_hook_ms": round(t_ours * 1e3, 3),
+        "noisyft_hook_fraction_of_plain_step": round(t_ours / base_t, 6),
+    }
+
     report = {
         "benchmark": "neftune_step",
         "command": "python benchmarks/bench_neftune.py "
@@ -231,6 +262,7 @@ def main(argv=None) -> int:
         "memory_note": "CUDA: allocator peak above the pre-step level; CPU: peak RSS growth during the step "
         "(allocator caching makes CPU figures coarse)",
         "results": results,
+        "hook_cost": hook_cost,
     }
 
     if args.time_default_run:
@@ -258,6 +290,10 @@ def main(argv=None) -> int:
             f"{name:<26}{r['median_step_s']:>10.4f}{r['time_ratio_to_plain']:>9.3f}"
             f"{r['peak_mem_mb']:>10.1f}{(r['mem_ratio_to_plain'] or 0):>9.3f}"
         )
+    print(
+        f"hook alone: noisyft {hook_cost['noisyft_hook_ms']} ms, transformers {hook_cost['transformers_hook_ms']} ms "
+        f"({100 * hook_cost['noisyft_hook_fraction_of_plain_step']:.3f}% of a plain step)"
+    )
     if "default_train_run" in report:
         print(f"default `noisyft train`: {report['default_train_run']['wall_s']} s")
     print(f"results: {out}")

@@ -276,3 +276,50 @@ def test_hook_through_peft_lora_with_gradient_checkpointing():
     assert hook.pop_stats()["noise_to_embed_norm"] > 0
     hook.detach()
     handle.remove()
+
+
+def test_positional_model_call_still_reads_the_attention_mask():
+    model = tiny_llama(hidden_size=32)
+    ids = torch.randint(3, 90, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    clean = model.get_input_embeddings()(ids).detach()
+    hook = NEFTuneHook(NEFTuneConfig(alpha=5.0), seed=0).attach(model)
+    seen, handle = _first_layer_inputs(model)
+    model.train()
+    model(ids, mask)  # positional: input_ids, attention_mask
+    noise = seen[-1] - clean
+    assert torch.all(noise[0, 5:] == 0)
+    assert noise[0, :5].abs().max() <= _bound(5.0, 5, 32) * (1 + 1e-5)
+    hook.detach()
+    handle.remove()
+
+
+def test_gemma_noise_lands_after_the_embedding_scale():
+    from transformers import AutoModelForCausalLM, GemmaConfig
+
+    d = 64
+    config = GemmaConfig(
+        vocab_size=96,
+        hidden_size=d,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        max_position_embeddings=64,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    ids = torch.randint(3, 90, (1, 10))
+    with torch.no_grad():
+        clean = model.get_input_embeddings()(ids)  # scaled by sqrt(d) inside the module
+    assert clean.norm() > 5 * torch.nn.functional.embedding(ids, model.get_input_embeddings().weight).norm()
+    hook = NEFTuneHook(NEFTuneConfig(alpha=5.0), seed=0).attach(model)
+    seen, handle = _first_layer_inputs(model)
+    model.train()
+    model(input_ids=ids)
+    noise = seen[-1] - clean
+    # the noise is added to the scaled output, with the plain alpha / sqrt(L d) bound (not multiplied by sqrt(d))
+    assert 0.9 * _bound(5.0, 10, d) <= noise.abs().max() <= _bound(5.0, 10, d) * (1 + 1e-4)
+    hook.detach()
+    handle.remove()

@@ -197,3 +197,12 @@ def test_noisytune_applied_once_with_report(tmp_path):
     assert {r["name"] for r in report if not r["skipped"]} == set(changed)
     # norm weights start constant (all ones): std 0, skipped, untouched
     assert all(torch.equal(before[n], after[n]) for n in before if "norm" in n)
+
+
+def test_same_seed_same_run_different_seed_different_noise(tmp_path):
+    a = _train(tmp_path / "a", neftune=NEFTuneConfig(alpha=10.0))
+    b = _train(tmp_path / "b", neftune=NEFTuneConfig(alpha=10.0))
+    c = _train(tmp_path / "c", neftune=NEFTuneConfig(alpha=10.0, seed=1))
+    pa, pb, pc = _params(a.model), _params(b.model), _params(c.model)
+    assert all(torch.equal(pa[n], pb[n]) for n in pa)
+    assert any(not torch.equal(pa[n], pc[n]) for n in pa)

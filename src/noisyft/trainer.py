@@ -30,7 +30,7 @@ from trl import SFTTrainer
 
 from ._io import atomic_write_json
 from .regularizers.neftune import NEFTuneConfig, NEFTuneHook
-from .regularizers.noisytune import NoisyTuneConfig, noisytune_
+from .regularizers.noisytune import NoisyTuneConfig
 
 logger = logging.getLogger(__name__)
 
@@ -94,16 +94,7 @@ class NoisySFTTrainer(SFTTrainer):
         seed = cfg.seed if cfg.seed is not None else self.args.seed
         # Same seed on every rank: all replicas must start from the same perturbed weights.
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.noisytune_report = noisytune_(
-            self.model,
-            lam=cfg.lam,
-            distribution=cfg.distribution,
-            mode=cfg.mode,
-            include=cfg.include,
-            exclude=cfg.exclude,
-            trainable_only=cfg.trainable_only,
-            generator=generator,
-        )
+        self.noisytune_report = cfg.apply(self.model, generator=generator)
         if self.is_world_process_zero():
             self.save_noisytune_report(os.path.join(self.args.output_dir, "noisytune_report.json"))
 

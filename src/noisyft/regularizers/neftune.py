@@ -27,7 +27,9 @@ train-time forward hook. Wiring into a Trainer lives in ``noisyft.trainer``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +181,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+_BATCH_KEYS = ("attention_mask", "position_ids", "labels")
+
+
+@functools.cache
+def _positional_names(model_cls: type) -> tuple[str, ...]:
+    params = inspect.signature(model_cls.forward).parameters
+    return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under DDP/FSDP/compile and PEFT wrappers (the one owning get_input_embeddings)."""
     seen = 0
@@ -271,7 +282,11 @@ class NEFTuneHook:
 
     # -- hooks -------------------------------------------------------------------------------------------------
     def _capture_batch(self, module, args, kwargs):
-        self._batch = {key: kwargs.get(key) for key in ("attention_mask", "position_ids", "labels")}
+        batch = {key: kwargs.get(key) for key in _BATCH_KEYS}
+        if args:  # model(input_ids, attention_mask, ...) called positionally: map the arguments to names
+            names = _positional_names(type(module))
+            batch.update({n: a for n, a in zip(names, args, strict=False) if n in _BATCH_KEYS})
+        self._batch = batch
         return None
 
     def _release_batch(self, module, args, output):
@@ -327,8 +342,9 @@ class NEFTuneHook:
     # -- statistics --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _record(self, embeds: torch.Tensor, noise: torch.Tensor) -> None:
-        noise_norm = noise.float().norm(dim=-1)  # (B, L)
-        embed_norm = embeds.float().norm(dim=-1)  # (B, L)
+        # fp32 accumulation without materialising fp32 copies of (B, L, d) tensors
+        noise_norm = torch.linalg.vector_norm(noise, dim=-1, dtype=torch.float32)  # (B, L)
+        embed_norm = torch.linalg.vector_norm(embeds, dim=-1, dtype=torch.float32)  # (B, L)
         noised = noise_norm > 0
         ratio = torch.where(noised, noise_norm / embed_norm.clamp_min(1e-12), 0.0)
         if self._ratio_sum is None or self._ratio_sum.device != ratio.device:
