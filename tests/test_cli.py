@@ -63,6 +63,9 @@ def test_train_end_to_end_writes_a_complete_run_folder(tiny_run_inputs, tmp_path
     assert any("neftune/noise_to_embed_norm" in h for h in metrics["log_history"])
     config = (out / "config.yaml").read_text()
     assert "neftune_alpha: 5.0" in config and "_versions" in config
+    # the resolved config repeats the run
+    again = resolve_train_config(build_parser().parse_args(["train", "--config", str(out / "config.yaml")]))
+    assert again.model == str(model_dir) and again.max_steps == 3 and again.eval_max_examples == 8
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 

@@ -235,6 +235,8 @@ def load_yaml_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}"
         )
-    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    # keys starting with "_" are metadata (a run folder's config.yaml records `_versions`, `_started`), so a
+    # resolved config can be fed back with --config to repeat a run
+    data = {str(k).replace("-", "_"): v for k, v in data.items() if not str(k).startswith("_")}
     check_keys(data, where=str(path))
     return data
