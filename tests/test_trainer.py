@@ -206,3 +206,28 @@ def test_same_seed_same_run_different_seed_different_noise(tmp_path):
     pa, pb, pc = _params(a.model), _params(b.model), _params(c.model)
     assert all(torch.equal(pa[n], pb[n]) for n in pa)
     assert any(not torch.equal(pa[n], pc[n]) for n in pa)
+
+
+def test_padded_batches_in_trl_get_zero_noise_on_padding_and_labels_reach_the_hook(tmp_path):
+    from noisyft.regularizers import neftune as neftune_module
+
+    seen = []
+    original = neftune_module.neftune_noise
+
+    def spy(embeds, **kw):
+        noise = original(embeds, **kw)
+        seen.append((kw.get("attention_mask"), kw.get("labels"), noise.detach()))
+        return noise
+
+    neftune_module.neftune_noise = spy
+    try:
+        _train(tmp_path, neftune=NEFTuneConfig(alpha=5.0, response_only=True))
+    finally:
+        neftune_module.neftune_noise = original
+    assert len(seen) == 4
+    assert any((mask == 0).any() for mask, _, _ in seen)  # the batches really were padded
+    for mask, labels, noise in seen:
+        assert mask is not None and labels is not None
+        assert torch.all(noise[mask == 0] == 0)
+        assert torch.all(noise[labels == -100] == 0)  # response_only: prompt tokens clean
+        assert noise[labels != -100].abs().max() > 0

@@ -20,6 +20,28 @@ def cache_dir() -> Path:
     return path
 
 
+def packaged_file(distribution: str, relpath: str, *, purpose: str, install: str) -> Path:
+    """A data file shipped inside an installed PyPI distribution, located without importing the package.
+
+    Raises FileNotFoundError naming `purpose` and the `install` command when the package or the file is missing.
+    """
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{purpose} needs the PyPI package {distribution!r}, which is not installed: `{install}`"
+        ) from exc
+    path = Path(str(dist.locate_file(relpath)))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{distribution} {dist.version} is installed but has no {relpath} (looked at {path}); "
+            f"reinstall it: `{install}`"
+        )
+    return path
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the whole new one, never a torn one."""
     path = Path(path)

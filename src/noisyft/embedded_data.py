@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.metadata
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-from noisyft._io import atomic_dir, cache_dir
+from noisyft._io import atomic_dir, cache_dir, packaged_file
 from noisyft.data import scan_json_array
 
 logger = logging.getLogger(__name__)
@@ -33,19 +32,12 @@ CACHE_VERSION = 1
 
 def sharegpt_file() -> Path:
     """Path of the packaged ShareGPT JSON file (the package is located, not imported)."""
-    try:
-        dist = importlib.metadata.distribution(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError as e:
-        raise FileNotFoundError(
-            f"the embedded ShareGPT data needs the {DISTRIBUTION!r} package: pip install {DISTRIBUTION}"
-        ) from e
-    path = Path(str(dist.locate_file(DATA_FILE)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{DISTRIBUTION} is installed but {DATA_FILE} is missing ({path}); "
-            f"reinstall it: pip install --force-reinstall {DISTRIBUTION}"
-        )
-    return path
+    return packaged_file(
+        DISTRIBUTION,
+        DATA_FILE,
+        purpose="the embedded ShareGPT data",
+        install=f"pip install --force-reinstall {DISTRIBUTION}",
+    )
 
 
 def is_heldout(record: Any, fraction: float = HELDOUT_FRACTION) -> bool:

