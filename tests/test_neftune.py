@@ -155,14 +155,12 @@ def _first_layer_inputs(model):
     """Capture what the first decoder layer receives (embeddings after every embedding hook)."""
     seen = []
     layer = model.model.layers[0]
-    handle = layer.register_forward_pre_hook(
-        lambda m, args, kwargs: (
-            seen.append(args[0].detach().clone())
-            if args
-            else seen.append(kwargs["hidden_states"].detach().clone())
-        ),
-        with_kwargs=True,
-    )
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.detach().clone())
+
+    handle = layer.register_forward_pre_hook(grab, with_kwargs=True)
     return seen, handle
 
 
