@@ -50,7 +50,7 @@ def _args(tmp_path, **kw):
     return SFTConfig(**base)
 
 
-def _train(tmp_path, trainer_cls=None, model=None, args=None, **trainer_kw):
+def _train(tmp_path, trainer_cls=None, model=None, args=None, dataset=None, **trainer_kw):
     from trl import SFTTrainer
 
     from noisyft import NoisySFTTrainer
@@ -60,7 +60,7 @@ def _train(tmp_path, trainer_cls=None, model=None, args=None, **trainer_kw):
     trainer = trainer_cls(
         model=model,
         args=args or _args(tmp_path),
-        train_dataset=_dataset(),
+        train_dataset=dataset if dataset is not None else _dataset(),
         processing_class=tiny_tokenizer(),
         **trainer_kw,
     )

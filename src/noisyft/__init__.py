@@ -17,6 +17,8 @@ _LAZY = {
     "neftune_noise": "noisyft.regularizers.neftune",
     "NoisyTuneConfig": "noisyft.regularizers.noisytune",
     "noisytune_": "noisyft.regularizers.noisytune",
+    "FisherConfig": "noisyft.regularizers.fisher",
+    "fisher_penalty": "noisyft.regularizers.fisher",
     "NoisySFTTrainer": "noisyft.trainer",
     "build_sft_dataset": "noisyft.data",
     "load_model_and_tokenizer": "noisyft.models",

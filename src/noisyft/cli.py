@@ -67,9 +67,19 @@ def _parse_kv(text: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw)
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, cls: type = TrainConfig, *, positional: str | None = None
+) -> None:
+    """One flag per dataclass field (``--max-length``), with its help and default; ``positional`` is a field
+    taken as an optional positional argument instead."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of settings (flags override it)")
-    for name, f in config_fields().items():
+    for name, f in config_fields(cls).items():
+        if name == positional:
+            default = f.default
+            parser.add_argument(
+                name, nargs="?", default=None, help=f"{f.metadata.get('help', '')} (default: {default})"
+            )
+            continue
         flag = "--" + name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
@@ -95,7 +105,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="noisyft",
-        description="Noise-regularized instruction fine-tuning: NEFTune (per-sequence scale), NoisyTune.",
+        description="Noise-regularized instruction fine-tuning: NEFTune (per-sequence scale), NoisyTune, "
+        "Fisher penalties (token-F, logit-F), and the papers' evaluations.",
     )
     parser.add_argument("--version", action="version", version=f"noisyft {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -105,16 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a causal LM with NEFTune and/or NoisyTune on TRL's SFTTrainer. With no options it "
         "runs the embedded default: SmolLM2-135M-Instruct on a slice of ShareGPT with NEFTune alpha 5.",
     )
-    _add_train_arguments(train)
+    add_config_arguments(train)
+    from .eval.cli import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 
 
-def resolve_train_config(ns: argparse.Namespace) -> TrainConfig:
+def resolve_train_config(ns: argparse.Namespace, cls: type = TrainConfig, command: str = "train") -> Any:
     """YAML file (if any) as defaults, then every flag given on the command line on top."""
     values: dict[str, Any] = {}
-    fields = config_fields()
+    fields = config_fields(cls)
     if ns.config:
-        for key, value in load_yaml_config(ns.config).items():
+        for key, value in load_yaml_config(ns.config, cls=cls, command=command).items():
             values[key] = _convert(key, str(fields[key].type), value, where=ns.config)
     for name, f in fields.items():
         given = getattr(ns, name, None)
@@ -126,8 +140,8 @@ def resolve_train_config(ns: argparse.Namespace) -> TrainConfig:
             values["sft_args"] = merged
         else:
             values[name] = _convert(name, str(f.type), given, where="--" + name.replace("_", "-"))
-    check_keys(values, where="settings")
-    return TrainConfig(**values)
+    check_keys(values, where="settings", cls=cls, command=command)
+    return cls(**values)
 
 
 def _setup_logging() -> None:
@@ -144,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     if ns.command is None:
         parser.print_help()
         return 2
+    if ns.command == "eval":
+        from .eval.cli import run_eval_command
+
+        _setup_logging()
+        return run_eval_command(ns, parser)
     if ns.command == "train":
         try:
             cfg = resolve_train_config(ns)

@@ -157,6 +157,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     from .data import BadRecordsError, build_sft_dataset
     from .models import load_model_and_tokenizer
+    from .regularizers.fisher import FisherConfig, FisherSetupError
     from .regularizers.neftune import NEFTuneConfig
     from .regularizers.noisytune import NoisyTuneConfig
     from .trainer import NoisySFTTrainer
@@ -194,6 +195,18 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 exclude=cfg.noisytune_exclude,
             )
             if cfg.uses_noisytune
+            else None
+        )
+        fisher = (
+            FisherConfig(
+                kind=cfg.fisher_kind,
+                coef=cfg.fisher_coef,
+                warmup_steps=cfg.fisher_warmup_steps,
+                num_samples=cfg.fisher_num_samples,
+                sampling=cfg.fisher_sampling,
+                probability=cfg.fisher_probability,
+            )
+            if cfg.uses_fisher
             else None
         )
     except ValueError as exc:
@@ -275,9 +288,14 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if is_main else None,
         neftune=neftune,
         noisytune=noisytune,
+        fisher=fisher,
+        fisher_diagnostic_steps=cfg.fisher_diagnostic_steps,
     )
     resume = cfg.resume_from_checkpoint
-    train_output = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    try:
+        train_output = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+    except FisherSetupError as exc:
+        raise TrainError(str(exc)) from exc
 
     metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
     if eval_ds is not None:
@@ -299,6 +317,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 **neftune.__dict__,
                 "mean_noise_to_embed_norm": (sum(noise_stats) / len(noise_stats) if noise_stats else None),
             },
+            "fisher": None if fisher is None else dict(fisher.__dict__),
             "noisytune": None
             if noisytune is None
             else {

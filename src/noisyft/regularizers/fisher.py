@@ -1,0 +1,506 @@
+"""Explicit Fisher penalties (token-F, logit-F): the curvature term that NEFTune's noise approximates.
+
+Source: Shigeto and Shimbo, an analysis of noise injection in instruction tuning with explicit regularizers
+(token-F / logit-F); NEFTune is https://arxiv.org/abs/2310.05914.
+
+Why. With iid noise eps ~ U(-a, a) on the input embeddings X of a sequence, a second-order expansion gives
+
+    E[loss(X + eps)] ~ loss(X) + a^2 / 6 * Tr(H_X),          H_X = d^2 loss / dX^2,
+
+so noise injection is, to second order, a penalty on the trace of the loss Hessian w.r.t. the embeddings. The
+Fisher information is the usual positive semi-definite surrogate: for the per-position loss -log p_t(y) with
+y ~ p_t (the model's own predictive distribution), E_y[H_X] = F_X = E_y[g g^T] with g = grad_X log p_t(y).
+
+The estimators. Let P be the set of predicted positions (a label != -100, real token, same packed document as
+the next token), z_t the logits at t, p_t = softmax(z_t), and y'_t ~ p_t drawn independently per position:
+
+    token-F:  R = 1/m sum_{s=1..m} || grad_X sum_{t in P} log p_t(y'_{s,t}) ||^2 / |P|
+    logit-F:  R = 1/m sum_{s=1..m} || grad_X sum_{t in P} z_t . (e_{y'_{s,t}} - sg(p_t)) ||^2 / |P|
+
+(sg = stop-gradient). One backward pass covers all positions: the square of the summed gradient has cross terms
+<g_t, g_u> (t != u) whose expectation is 0, because E_{y ~ p_t}[grad_X log p_t(y)] = grad_X sum_y p_t(y) = 0 and
+the y'_t are independent. So R is an unbiased estimate of (1 / |P|) sum_t Tr(F_{X,t}), the trace of the Fisher
+of the *mean* cross-entropy, i.e. of E_{y'}[Tr(H_X)] for the loss the trainer minimizes. Per sample, logit-F's
+value equals token-F's (grad_X log p_t(y) = J_t^T (e_y - p_t)); their gradients w.r.t. the parameters differ:
+logit-F treats p as a constant, which skips the second derivative of the softmax and is cheaper.
+
+``sampling="uniform"`` (the study's ablation) draws y' uniformly instead. Then E[g_t] != 0 and the cross terms
+no longer vanish, so each position's term is multiplied by an independent random sign (Rademacher), which makes
+the one-backward estimate unbiased again, now for (1/|P|) sum_t mean_y ||grad_X log p_t(y)||^2: a "uniform
+Fisher", not Tr(F). The signs change nothing else.
+
+Normalization: sum over embedding positions and embedding dimensions, mean over predicted positions, like the
+mean cross-entropy; the trainer divides by the same token count it divides the loss by (``num_items_in_batch``
+under gradient accumulation). A coefficient ``c_sum`` tuned for a *sum*-normalized penalty (sum over predicted
+positions) next to a mean cross-entropy converts as ``coef = c_sum * |P|`` (|P| = predicted tokens per optimizer
+step); if that setup also summed the loss, the objective is ours times |P| and the coefficient carries over as is.
+
+Attention kernels. The penalty differentiates a gradient, so the forward pass needs a double-backward graph.
+Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have none; :func:`differentiable_attention`
+switches SDPA to its math backend for that forward pass (logged once) and refuses kernels it cannot switch
+(flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
+
+This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
+``get_output_embeddings``); the Trainer wiring lives in ``noisyft.trainer``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .neftune import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("token", "logit")
+SAMPLINGS = ("model", "uniform")
+REDUCTIONS = ("mean", "sum", "none")
+_DOUBLE_BACKWARD_ATTN = ("eager", "sdpa")
+IGNORE_INDEX = -100
+
+
+class FisherSetupError(ValueError):
+    """The model cannot be differentiated twice as configured (attention kernel, reentrant checkpointing)."""
+
+
+@dataclass
+class FisherConfig:
+    """Explicit Fisher penalty added to the training loss: ``loss + coef(step) * R`` (see the module docstring).
+
+    R is the token-F or logit-F estimate of Tr(F_X), the Fisher trace of the mean cross-entropy w.r.t. the input
+    embeddings X: ``|| grad_X sum_t log p_t(y'_t) ||^2 / |P|`` with y'_t ~ p_t at every predicted position t.
+
+    Args:
+        kind (`str`, defaults to ``"token"``): ``"token"`` (token-F) or ``"logit"`` (logit-F: same value, the
+            parameter gradient treats the softmax probabilities as constants; cheaper).
+        coef (`float`, defaults to 2e-6): the penalty coefficient after warm-up. The study used 2e-6 for token-F
+            and 1e-6 for logit-F with Tulu 3's SFT settings on Llama-3.1-8B; how a coefficient from a
+            sum-normalized penalty converts is in the module docstring.
+        warmup_steps (`int`, defaults to 0): the coefficient grows linearly from 0 at optimizer step 0 to ``coef``
+            at step ``warmup_steps`` (the study: 600 steps for token-F, 800 for logit-F). While it is 0 the penalty
+            is not computed at all, so the step is exactly a plain step.
+        num_samples (`int`, defaults to 1): m, sampled label sets per step (one extra gradient each).
+        sampling (`str`, defaults to ``"model"``): draw y' from the model (``"model"``) or uniformly over the
+            vocabulary (``"uniform"``, the study's ablation, which it found clearly worse).
+        probability (`float`, defaults to 1.0): the cheaper unbiased option. Each micro-batch gets the penalty
+            with this probability, and the penalty is then scaled by ``1 / probability``, so the expected
+            gradient equals the full one; the average step costs ``1 + probability * (penalty overhead)``. The
+            draw is the same on every data-parallel rank (same seed), so ranks stay in step.
+        seed (`int`, *optional*): seed of the y' sampling and of the ``probability`` draws (``None``: the
+            training seed). The sampling stream differs per rank; the ``probability`` stream does not.
+    """
+
+    kind: str = "token"
+    coef: float = 2e-6
+    warmup_steps: int = 0
+    num_samples: int = 1
+    sampling: str = "model"
+    probability: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"Fisher kind must be one of {KINDS}, got {self.kind!r}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"Fisher sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not isinstance(self.coef, (int, float)) or self.coef < 0:
+            raise ValueError(f"Fisher coef must be a number >= 0, got {self.coef!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"Fisher warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        if not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"Fisher num_samples must be an integer >= 1, got {self.num_samples!r}")
+        if not 0 < self.probability <= 1:
+            raise ValueError(f"Fisher probability must be in (0, 1], got {self.probability!r}")
+
+    def coefficient(self, step: int) -> float:
+        """The effective coefficient at optimizer step ``step`` (0-based): linear warm-up from 0, then ``coef``."""
+        if self.warmup_steps == 0:
+            return float(self.coef)
+        return float(self.coef) * min(1.0, step / self.warmup_steps)
+
+
+# -- attention kernels and checkpointing: make the forward pass twice differentiable --------------------------------
+@functools.cache
+def _log_once(message: str) -> None:
+    logger.info(message)
+
+
+def _checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Modules that checkpoint their forward; raises for reentrant checkpointing (it has no torch.autograd.grad)."""
+    found = []
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        keywords = getattr(func, "keywords", None) or {}
+        if keywords.get("use_reentrant", True) is not False:
+            raise FisherSetupError(
+                "The Fisher penalty differentiates a gradient, which reentrant gradient checkpointing does not "
+                "support (torch.autograd.grad through torch.utils.checkpoint(use_reentrant=True)). Enable "
+                "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), "
+                "or turn it off."
+            )
+        found.append(module)
+    return found
+
+
+class _MathSDPA:
+    """A re-enterable ``sdpa_kernel(SDPBackend.MATH)``: checkpoint recomputation may enter it more than once."""
+
+    def __enter__(self):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        self._stack = getattr(self, "_stack", [])
+        self._stack.append(sdpa_kernel(SDPBackend.MATH))
+        return self._stack[-1].__enter__()
+
+    def __exit__(self, *exc):
+        return self._stack.pop().__exit__(*exc)
+
+
+@contextlib.contextmanager
+def _recompute_under(modules: list[torch.nn.Module], make_context) -> Iterator[None]:
+    """Checkpointed segments recompute their forward during the backward pass, i.e. after the body has exited;
+    ``context_fn`` makes the recomputation run under the same attention backend as the original forward."""
+    saved = [(m, m._gradient_checkpointing_func) for m in modules]
+    try:
+        for module, func in saved:
+            module._gradient_checkpointing_func = functools.partial(
+                func, context_fn=lambda: (make_context(), make_context())
+            )
+        yield
+    finally:
+        for module, func in saved:
+            module._gradient_checkpointing_func = func
+
+
+@contextlib.contextmanager
+def differentiable_attention(model: torch.nn.Module) -> Iterator[str]:
+    """Run the body with an attention path that has a double backward; yields the implementation used.
+
+    ``eager`` attention is plain autograd ops. ``sdpa`` is switched to ``SDPBackend.MATH`` for the body (the fused
+    kernels, including the CPU flash kernel, raise "derivative for ... _scaled_dot_product_flash_attention_for_cpu
+    _backward is not implemented"); logged once. Other kernels and reentrant gradient checkpointing raise
+    ``ValueError``: switching them silently could change which tokens attend to which (padding-free batches rely
+    on the flash kernel's sequence boundaries). Raises :class:`FisherSetupError` (a ``ValueError``).
+    """
+    base = unwrap_model(model)
+    config = getattr(base, "config", None)
+    impl = getattr(config, "_attn_implementation", None) or "eager"
+    checkpointed = _checkpointed_modules(base)
+    if impl == "eager":
+        yield impl
+        return
+    if impl != "sdpa":
+        raise FisherSetupError(
+            f"The Fisher penalty needs the second derivative of the attention, which attn_implementation={impl!r} "
+            f"does not provide. Load the model with attn_implementation='sdpa' (the default; noisyft then uses "
+            f"its math backend for the penalized forward pass) or 'eager'."
+        )
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    _log_once(
+        "Fisher penalty: SDPA runs on its math backend for the penalized forward passes (the fused kernels have "
+        "no double backward)."
+    )
+    with sdpa_kernel(SDPBackend.MATH), _recompute_under(checkpointed, _MathSDPA):
+        yield "math-sdpa"
+
+
+# -- model pieces ---------------------------------------------------------------------------------------------------
+def _backbone(base: torch.nn.Module) -> torch.nn.Module:
+    backbone = getattr(base, "base_model", None)
+    if backbone is None or backbone is base:
+        raise TypeError(
+            f"{type(base).__name__} exposes no decoder backbone (`base_model`); the Fisher penalty needs a "
+            "transformers causal LM (…ForCausalLM)"
+        )
+    return backbone
+
+
+def logits_from_hidden(base: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's logits for final hidden states ``hidden`` (N, D) -> (N, V), in float32 at least.
+
+    Applies the LM head and the two logit transforms causal LMs in transformers use on top of it: a
+    ``logit_scale`` multiplier (Cohere) and ``final_logit_softcapping`` (Gemma 2/3): cap * tanh(z / cap).
+    """
+    head = base.get_output_embeddings()
+    if head is None:
+        raise TypeError(f"{type(base).__name__} has no output embeddings (LM head)")
+    z = head(hidden)  # (N, V)
+    if z.dtype in (torch.float16, torch.bfloat16):
+        z = z.float()
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(text_config, "logit_scale", None)
+    if scale is not None and scale != 1:
+        z = z * scale
+    cap = getattr(text_config, "final_logit_softcapping", None)
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    return z
+
+
+def predicted_positions(
+    shape: tuple[int, int],
+    *,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    """Boolean (B, T) mask of the positions t whose logits predict token t + 1 in the loss.
+
+    HF convention: ``labels`` are unshifted, -100 = ignored, so t is predicted when ``labels[:, t + 1] != -100``.
+    Both t and t + 1 must be real tokens (``attention_mask``), and t + 1 must not start a new packed document
+    (``position_ids[:, t + 1] == 0``). Without labels every such real position counts. The last column never does.
+    """
+    B, T = shape
+    pred = torch.zeros(B, T, dtype=torch.bool, device=device)
+    nxt = torch.ones(B, T - 1, dtype=torch.bool, device=device)  # (B, T-1), about token t + 1
+    if labels is not None:
+        nxt &= labels[:, 1:].to(device) != IGNORE_INDEX
+    if attention_mask is not None:
+        real = attention_mask.to(device=device, dtype=torch.bool).expand(B, T)
+        nxt &= real[:, 1:] & real[:, :-1]
+    if position_ids is not None:
+        nxt &= position_ids.to(device).expand(B, T)[:, 1:] != 0
+    pred[:, :-1] = nxt
+    return pred
+
+
+# -- the estimator ---------------------------------------------------------------------------------------------------
+def _draw_labels(
+    logits: torch.Tensor, num_samples: int, sampling: str, generator: torch.Generator | None
+) -> torch.Tensor:
+    """y' of shape (N, m): from softmax(logits) or uniform over the vocabulary."""
+    N, V = logits.shape
+    if sampling == "uniform":
+        return torch.randint(V, (N, num_samples), device=logits.device, generator=generator)
+    probs = torch.softmax(logits.detach(), dim=-1)  # (N, V)
+    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (N, m)
+
+
+def next_token_targets(
+    input_ids: torch.Tensor, predicted: torch.Tensor, labels: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The tokens the predicted positions predict, (N,) in :func:`predicted_positions` order: token t + 1 of the
+    labels (or of ``input_ids`` when there are none) for every predicted position t."""
+    source = labels if labels is not None else input_ids
+    shifted = torch.cat([source[:, 1:], source[:, :1]], dim=1).to(
+        predicted.device
+    )  # (B, T): token t + 1 at t
+    return shifted[predicted]  # (N,)
+
+
+def _check_args(kind: str, sampling: str, reduction: str, num_samples: int) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+
+
+def fisher_penalty_from_logits(
+    embeds: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    token_mask: torch.Tensor | None = None,
+    kind: str = "token",
+    num_samples: int = 1,
+    sampling: str = "model",
+    generator: torch.Generator | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    reduction: str = "mean",
+    create_graph: bool = True,
+) -> torch.Tensor:
+    """The penalty from a forward pass that already ran: ``embeds`` (B, T, D) -> ... -> ``logits`` (N, V).
+
+    Args:
+        embeds: the input embeddings X, part of the graph that produced ``logits`` (``requires_grad``).
+        logits: float logits of the N predicted positions only (e.g. ``logits_from_hidden(base, hidden[pred])``);
+            the same tensor can feed the cross-entropy, so the LM head runs once for both.
+        token_mask: (B, T) real tokens; gradients on other positions are not counted (they are 0 for a correctly
+            masked model anyway).
+        normalizer: the |P| to divide by; defaults to N (pass the trainer's token count under gradient
+            accumulation).
+        reduction: ``"mean"`` (sum / normalizer / m: the penalty), ``"sum"`` (without / normalizer), ``"none"``:
+            a (B,) tensor of each sequence's share of the ``"mean"`` value (they sum to it).
+        create_graph: keep the graph of the gradient so the penalty back-propagates into the parameters; ``False``
+            for a diagnostic value.
+    """
+    _check_args(kind, sampling, reduction, num_samples)
+    if not embeds.requires_grad:
+        raise ValueError(
+            "embeds must require grad (they are what the penalty differentiates with respect to)"
+        )
+    B = embeds.shape[0]
+    N = logits.shape[0]
+    if normalizer is None:
+        normalizer = max(N, 1)
+    if N == 0:  # nothing to penalize: a differentiable zero, still connected to the graph
+        zero = embeds.sum() * 0.0
+        return zero.expand(B).clone() if reduction == "none" else zero
+
+    z = logits  # (N, V)
+    y = _draw_labels(z, num_samples, sampling, generator)  # (N, m)
+    if kind == "token":
+        base = -torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1): log p_t(y) = z_t[y] - logsumexp(z_t)
+    else:
+        base = -(z * torch.softmax(z.detach(), dim=-1)).sum(-1, keepdim=True)  # (N, 1): -z_t . sg(p_t)
+    scores = z.gather(1, y) + base  # (N, m): log p_t(y'_s) (token) or z_t . (e_y' - sg(p_t)) (logit)
+    if sampling == "uniform":  # random signs cancel the cross terms, whose mean is not 0 under uniform y'
+        signs = torch.randint(2, scores.shape, device=z.device, generator=generator) * 2 - 1
+        scores = scores * signs
+
+    mask = (
+        None if token_mask is None else token_mask.to(embeds.device, embeds.dtype).unsqueeze(-1)
+    )  # (B, T, 1)
+    acc_dtype = torch.promote_types(embeds.dtype, torch.float32)
+    total = embeds.new_zeros(B, dtype=acc_dtype)  # (B,)
+    for s in range(num_samples):
+        (grad,) = torch.autograd.grad(
+            scores[:, s].sum(), embeds, create_graph=create_graph, retain_graph=True
+        )  # (B, T, D)
+        if mask is not None:
+            grad = grad * mask
+        total = total + grad.to(acc_dtype).pow(2).sum(dim=(1, 2))  # (B,)
+    total = total / num_samples
+    if reduction == "sum":
+        return total.sum()
+    total = total / normalizer
+    return total if reduction == "none" else total.sum()
+
+
+def fisher_penalty_from_hidden(
+    embeds: torch.Tensor,
+    hidden: torch.Tensor,
+    logits_fn,
+    *,
+    predicted: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """:func:`fisher_penalty_from_logits` from final hidden states ``hidden`` (B, T, D): the LM head
+    ``logits_fn`` ((N, D) -> (N, V), e.g. ``partial(logits_from_hidden, base)``) runs on the ``predicted``
+    positions only ((B, T) bool, :func:`predicted_positions`)."""
+    if "normalizer" not in kwargs or kwargs["normalizer"] is None:
+        kwargs["normalizer"] = predicted.sum().clamp(min=1)
+    return fisher_penalty_from_logits(embeds, logits_fn(hidden[predicted]), **kwargs)
+
+
+class _Capture:
+    """Forward hooks that keep the input embeddings (made to require grad) and the backbone's last hidden state."""
+
+    def __init__(self, base: torch.nn.Module):
+        self.embeds: torch.Tensor | None = None
+        self.hidden: torch.Tensor | None = None
+        self._handles = [
+            base.get_input_embeddings().register_forward_hook(self._on_embeds),
+            _backbone(base).register_forward_hook(self._on_backbone),
+        ]
+
+    def _on_embeds(self, module, args, output):
+        if not torch.is_grad_enabled() or self.embeds is not None:
+            return None
+        if not output.requires_grad:  # frozen embeddings (LoRA): a leaf to differentiate with respect to
+            output = output.detach().requires_grad_()
+        self.embeds = output
+        return output
+
+    def _on_backbone(self, module, args, output):
+        if not torch.is_grad_enabled() or self.hidden is not None:
+            return
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+@contextlib.contextmanager
+def capture_forward(model: torch.nn.Module) -> Iterator[_Capture]:
+    """Within the body, the first grad-enabled forward of ``model`` leaves its embeddings and final hidden state
+    in the yielded object, over an attention path with a double backward (:func:`differentiable_attention`)."""
+    base = unwrap_model(model)
+    capture = _Capture(base)
+    try:
+        with differentiable_attention(base):
+            yield capture
+    finally:
+        capture.remove()
+
+
+def fisher_penalty(
+    model: torch.nn.Module,
+    *,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    kind: str = "token",
+    num_samples: int = 1,
+    sampling: str = "model",
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    create_graph: bool = True,
+    return_loss: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """token-F / logit-F penalty of a causal LM on a batch: a scalar that back-propagates into the parameters.
+
+    Runs the model's backbone on its own embeddings of ``input_ids`` (B, T), on an attention path with a double
+    backward, and returns ``1/m sum_s ||grad_X sum_{t in P} score_t(y'_{s,t})||^2 / |P|`` (module docstring):
+    an unbiased estimate of the Fisher trace of the mean cross-entropy w.r.t. the input embeddings. ``labels``
+    follow the HF causal-LM convention (unshifted, -100 ignored) and choose the predicted positions P; padding
+    (``attention_mask``) is excluded, and packed rows (``position_ids`` restarting at 0) are handled. The model's
+    train/eval mode is left as it is (dropout applies in train mode). See :func:`fisher_penalty_from_logits` for
+    ``reduction`` and ``create_graph``. ``return_loss=True`` also returns the mean cross-entropy over the same
+    predicted positions, computed from the same logits (one forward pass, one LM-head product for both):
+    ``(penalty, loss)``.
+    """
+    base = unwrap_model(model)
+    with capture_forward(model) as cap:
+        embeds = base.get_input_embeddings()(input_ids)  # (B, T, D)
+        if not embeds.requires_grad:
+            embeds = embeds.detach().requires_grad_()
+        kwargs: dict[str, Any] = {"inputs_embeds": embeds, "use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        _backbone(base)(**kwargs)
+    if cap.hidden is None:
+        raise RuntimeError("the backbone forward returned no hidden state")
+    predicted = predicted_positions(
+        tuple(input_ids.shape),
+        labels=labels,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        device=embeds.device,
+    )
+    logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
+    penalty = fisher_penalty_from_logits(
+        embeds,
+        logits,
+        token_mask=attention_mask,
+        kind=kind,
+        num_samples=num_samples,
+        sampling=sampling,
+        generator=generator,
+        reduction=reduction,
+        create_graph=create_graph,
+    )
+    if not return_loss:
+        return penalty
+    targets = next_token_targets(input_ids, predicted, labels)  # (N,)
+    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(len(targets), 1)
+    return penalty, loss
