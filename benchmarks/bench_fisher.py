@@ -7,7 +7,8 @@ One model, one fixed batch, AdamW; variants interleaved round-robin in a fresh r
   token-F      shared forward and LM head: CE and token-F from the same logits (what NoisySFTTrainer does)
   logit-F      the same with logit-F
   token-F-2fw  the straightforward implementation: plain loss, then a second forward for fisher_penalty()
-  token-F-p25  the cheaper unbiased option: the penalty on a random 25% of steps, scaled by 4 (mean step time)
+  token-F-p25  the cheaper unbiased option: the penalty on 25% of steps, scaled by 4 (mean step time; timed on a
+               fixed 1-in-4 schedule, training draws it at random)
 
 Time: median step (forward + backward + AdamW step), ratios to ``plain``. Memory: every variant runs again in its
 own fresh process (glibc told to mmap large blocks so freed memory leaves the resident set) and reports its peak
@@ -87,12 +88,15 @@ class Stepper:
         self.model, self.batch, self.device = model, batch, device
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.gate = random.Random(0)
+        self.calls = 0
 
     def loss(self, variant: str) -> torch.Tensor:
         m, b = self.model, self.batch
         if variant == "token-F-p25":
-            variant = "token-F" if self.gate.random() < GATE_P else "plain"
+            # timing: a fixed 1-in-4 schedule, so the mean over steps is the cost at probability 0.25 (training
+            # draws the gate at random; the expected cost is the same)
+            self.calls += 1
+            variant = "token-F" if self.calls % round(1 / GATE_P) == 0 else "plain"
             scale = 1 / GATE_P
         else:
             scale = 1.0
@@ -144,10 +148,41 @@ def memory_of(variant: str, args) -> dict:
         for _ in range(args.memory_steps):
             s.step(variant)
     return {
+        "pre_step_mb": rss.base / 2**20,  # model, AdamW state, torch and Python
         "step_peak_mb": rss.growth / 2**20,
         "process_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "source": "resident set (MALLOC_MMAP_THRESHOLD_=65536), sampled every ms",
     }
+
+
+def measure_memory(args) -> dict[str, dict]:
+    """Each variant in its own fresh process (glibc returns large freed blocks to the OS)."""
+    memory = {}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+    for v in VARIANTS:
+        cmd = [sys.executable, __file__, "--memory-only", v, "--model", args.model, "--attn", args.attn]
+        cmd += ["--batch", str(args.batch), "--length", str(args.length), "--device", args.device]
+        cmd += ["--memory-steps", str(args.memory_steps)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+        memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(
+            f"memory {v}: {memory[v]['step_peak_mb']:.0f} MB over the pre-step level "
+            f"({memory[v].get('pre_step_mb', float('nan')):.0f} MB: model, AdamW state)",
+            flush=True,
+        )
+    return memory
+
+
+def memory_fields(memory: dict[str, dict], v: str) -> dict[str, float]:
+    """Step memory (above model + AdamW state) and total (pre-step level + step peak), and their ratios."""
+    m, p = memory[v], memory["plain"]
+    out = {"step_peak_mb": m["step_peak_mb"], "step_memory_x_plain": m["step_peak_mb"] / p["step_peak_mb"]}
+    if "pre_step_mb" in m and "pre_step_mb" in p:
+        total, total_p = m["pre_step_mb"] + m["step_peak_mb"], p["pre_step_mb"] + p["step_peak_mb"]
+        out.update(
+            {"pre_step_mb": m["pre_step_mb"], "total_mb": total, "total_memory_x_plain": total / total_p}
+        )
+    return out
 
 
 def gated_variance(model, batch, device, draws: int) -> dict:
@@ -183,12 +218,29 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=None)
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--memory-rerun", action="store_true", help="re-measure memory into an existing --out file"
+    )
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_only:
         print(json.dumps(memory_of(args.memory_only, args)))
+        return 0
+    if args.memory_rerun:
+        out = Path(args.out)
+        result = json.loads(out.read_text())
+        memory = measure_memory(args)
+        for v, row in result["variants"].items():
+            for key in ("process_peak_mb", "process_memory_x_plain"):
+                row.pop(key, None)
+            row.update(memory_fields(memory, v))
+        result["memory_measured"] = datetime.now().isoformat(timespec="seconds")
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+        print(f"updated {out}")
         return 0
 
     device = torch.device(args.device)
@@ -212,34 +264,7 @@ def main(argv=None) -> int:
 
     variance = gated_variance(model, batch, device, args.variance_draws)
 
-    memory = {}
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    for v in VARIANTS:
-        cmd = [
-            sys.executable,
-            __file__,
-            "--memory-only",
-            v,
-            "--model",
-            args.model,
-            "--attn",
-            args.attn,
-            "--batch",
-            str(args.batch),
-            "--length",
-            str(args.length),
-            "--device",
-            args.device,
-            "--memory-steps",
-            str(args.memory_steps),
-        ]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
-        print(
-            f"memory {v}: {memory[v]['step_peak_mb']:.0f} MB over the pre-step level, process peak "
-            f"{memory[v]['process_peak_mb']:.0f} MB",
-            flush=True,
-        )
+    memory = measure_memory(args)
 
     plain_t = statistics.median(times["plain"])
     rows = {}
@@ -250,10 +275,7 @@ def main(argv=None) -> int:
             "statistic": "mean" if v == "token-F-p25" else "median",
             "quartiles_s": statistics.quantiles(times[v], n=4) if len(times[v]) >= 2 else None,
             "time_x_plain": med / plain_t,
-            "step_peak_mb": memory[v]["step_peak_mb"],
-            "step_memory_x_plain": memory[v]["step_peak_mb"] / memory["plain"]["step_peak_mb"],
-            "process_peak_mb": memory[v]["process_peak_mb"],
-            "process_memory_x_plain": memory[v]["process_peak_mb"] / memory["plain"]["process_peak_mb"],
+            **memory_fields(memory, v),
         }
     result = {
         "benchmark": "fisher penalty step cost",

@@ -106,20 +106,34 @@ def test_one_backward_with_many_samples_matches_average_of_single_samples():
         generator=torch.Generator().manual_seed(5),
         create_graph=False,
     )
-    # the (N, 3) draw is one multinomial call; reproduce its columns one at a time by hand
+    # the (N, 3) draw is one inverse-CDF call; reproduce its columns one at a time by hand
     emb = model.get_input_embeddings()(ids).detach().requires_grad_()
     pred = predicted_positions(ids.shape, labels=labels, attention_mask=am)
     with differentiable_attention(model):
         logits = model(inputs_embeds=emb, attention_mask=am).logits[pred].float()  # (N, V)
-    y = torch.multinomial(
-        torch.softmax(logits, -1), 3, replacement=True, generator=torch.Generator().manual_seed(5)
-    )
+    cdf = torch.softmax(logits, -1).cumsum(-1)
+    u = torch.rand(len(cdf), 3, generator=torch.Generator().manual_seed(5), dtype=torch.float32) * cdf[:, -1:]
+    y = torch.searchsorted(cdf, u, right=True)
     lp = torch.log_softmax(logits, -1)
     total = 0.0
     for s in range(3):
         (grad,) = torch.autograd.grad(lp.gather(1, y[:, s : s + 1]).sum(), emb, retain_graph=True)
         total += grad.pow(2).sum() / pred.sum()
     torch.testing.assert_close(many, total / 3)
+
+
+def test_sampler_draws_from_the_model_distribution():
+    from noisyft.regularizers.fisher import _draw_labels
+
+    p = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 0.0, 1.0]])
+    y = _draw_labels(p.log(), 40000, "model", torch.Generator().manual_seed(0))  # (2, 40000)
+    freq = torch.stack([torch.bincount(row, minlength=4) for row in y]).float() / 40000
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)  # 4 sigma ~ 0.01 at n = 40000
+    assert (y[0] != 1).all() and (y[1] == 3).all()  # zero-probability tokens are never drawn
+    uni = _draw_labels(p.log(), 40000, "uniform", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(
+        torch.bincount(uni.flatten(), minlength=4).float() / 80000, torch.full((4,), 0.25), atol=0.01, rtol=0
+    )
 
 
 def test_token_and_logit_give_the_same_value_but_different_gradients():

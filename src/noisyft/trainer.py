@@ -201,13 +201,7 @@ class NoisySFTTrainer(SFTTrainer):
             scale = float(self.accelerator.num_processes)  # as TRL scales the loss: DDP averages gradients
         base = unwrap_model(model)
         logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
-        if shared:
-            targets = next_token_targets(input_ids, predicted, labels)  # (N,)
-            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / normalizer * scale
-            self._fisher_trl_metrics(logits.detach(), targets, inputs)
-        else:
-            loss = out[0] if return_outputs else out
-        penalty = fisher_penalty_from_logits(
+        result = fisher_penalty_from_logits(
             cap.embeds,
             logits,
             token_mask=inputs.get("attention_mask"),
@@ -216,7 +210,17 @@ class NoisySFTTrainer(SFTTrainer):
             sampling=cfg.sampling,
             generator=self._fisher_generator("sample", cap.embeds.device),
             normalizer=normalizer,
+            targets=next_token_targets(input_ids, predicted, labels) if shared else None,
         )
+        if shared:  # the cross-entropy from the same log-softmax, normalized as TRL's loss
+            penalty, nll_sum = result
+            loss = nll_sum / normalizer * scale
+            self._fisher_trl_metrics(
+                logits.detach(), next_token_targets(input_ids, predicted, labels), inputs
+            )
+        else:
+            penalty = result
+            loss = out[0] if return_outputs else out
         total = loss + (coef * scale) * penalty.to(loss.dtype)
         logs = self._fisher_logs
         logs["ce_loss"] += self._step_share(loss.detach().item(), num_items_in_batch)

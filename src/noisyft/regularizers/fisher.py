@@ -277,14 +277,16 @@ def predicted_positions(
 
 # -- the estimator ---------------------------------------------------------------------------------------------------
 def _draw_labels(
-    logits: torch.Tensor, num_samples: int, sampling: str, generator: torch.Generator | None
+    log_probs: torch.Tensor, num_samples: int, sampling: str, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """y' of shape (N, m): from softmax(logits) or uniform over the vocabulary."""
-    N, V = logits.shape
+    """y' of shape (N, m): from p = exp(log_probs) (inverse CDF: one cumsum and a binary search per draw, several
+    times cheaper than ``torch.multinomial`` over a 50k vocabulary on CPU) or uniform over the vocabulary."""
+    N, V = log_probs.shape
     if sampling == "uniform":
-        return torch.randint(V, (N, num_samples), device=logits.device, generator=generator)
-    probs = torch.softmax(logits.detach(), dim=-1)  # (N, V)
-    return torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (N, m)
+        return torch.randint(V, (N, num_samples), device=log_probs.device, generator=generator)
+    cdf = log_probs.detach().float().exp().cumsum(dim=-1)  # (N, V), cdf[:, -1] ~ 1
+    u = torch.rand(N, num_samples, device=cdf.device, generator=generator) * cdf[:, -1:]  # (N, m)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=V - 1)  # (N, m)
 
 
 def next_token_targets(
@@ -322,7 +324,8 @@ def fisher_penalty_from_logits(
     normalizer: float | torch.Tensor | None = None,
     reduction: str = "mean",
     create_graph: bool = True,
-) -> torch.Tensor:
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """The penalty from a forward pass that already ran: ``embeds`` (B, T, D) -> ... -> ``logits`` (N, V).
 
     Args:
@@ -337,6 +340,8 @@ def fisher_penalty_from_logits(
             a (B,) tensor of each sequence's share of the ``"mean"`` value (they sum to it).
         create_graph: keep the graph of the gradient so the penalty back-propagates into the parameters; ``False``
             for a diagnostic value.
+        targets: (N,) next tokens; when given, also returns the summed cross-entropy of ``logits`` against them,
+            from the same log-softmax as the penalty: ``(penalty, nll_sum)``.
     """
     _check_args(kind, sampling, reduction, num_samples)
     if not embeds.requires_grad:
@@ -349,15 +354,16 @@ def fisher_penalty_from_logits(
         normalizer = max(N, 1)
     if N == 0:  # nothing to penalize: a differentiable zero, still connected to the graph
         zero = embeds.sum() * 0.0
-        return zero.expand(B).clone() if reduction == "none" else zero
+        penalty = zero.expand(B).clone() if reduction == "none" else zero
+        return penalty if targets is None else (penalty, logits.sum() * 0.0)
 
     z = logits  # (N, V)
-    y = _draw_labels(z, num_samples, sampling, generator)  # (N, m)
+    logp = torch.log_softmax(z, dim=-1)  # (N, V), shared by the sampler, token-F and the cross-entropy
+    y = _draw_labels(logp, num_samples, sampling, generator)  # (N, m)
     if kind == "token":
-        base = -torch.logsumexp(z, dim=-1, keepdim=True)  # (N, 1): log p_t(y) = z_t[y] - logsumexp(z_t)
-    else:
-        base = -(z * torch.softmax(z.detach(), dim=-1)).sum(-1, keepdim=True)  # (N, 1): -z_t . sg(p_t)
-    scores = z.gather(1, y) + base  # (N, m): log p_t(y'_s) (token) or z_t . (e_y' - sg(p_t)) (logit)
+        scores = logp.gather(1, y)  # (N, m): log p_t(y'_s)
+    else:  # z_t . (e_y' - sg(p_t))
+        scores = z.gather(1, y) - (z * logp.detach().exp()).sum(-1, keepdim=True)  # (N, m)
     if sampling == "uniform":  # random signs cancel the cross terms, whose mean is not 0 under uniform y'
         signs = torch.randint(2, scores.shape, device=z.device, generator=generator) * 2 - 1
         scores = scores * signs
@@ -376,9 +382,13 @@ def fisher_penalty_from_logits(
         total = total + grad.to(acc_dtype).pow(2).sum(dim=(1, 2))  # (B,)
     total = total / num_samples
     if reduction == "sum":
-        return total.sum()
-    total = total / normalizer
-    return total if reduction == "none" else total.sum()
+        penalty = total.sum()
+    else:
+        total = total / normalizer
+        penalty = total if reduction == "none" else total.sum()
+    if targets is None:
+        return penalty
+    return penalty, -logp.gather(1, targets.to(logp.device).unsqueeze(1)).sum()
 
 
 def fisher_penalty_from_hidden(
@@ -488,7 +498,7 @@ def fisher_penalty(
         device=embeds.device,
     )
     logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
-    penalty = fisher_penalty_from_logits(
+    result = fisher_penalty_from_logits(
         embeds,
         logits,
         token_mask=attention_mask,
@@ -498,9 +508,9 @@ def fisher_penalty(
         generator=generator,
         reduction=reduction,
         create_graph=create_graph,
+        targets=next_token_targets(input_ids, predicted, labels) if return_loss else None,
     )
     if not return_loss:
-        return penalty
-    targets = next_token_targets(input_ids, predicted, labels)  # (N,)
-    loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum") / max(len(targets), 1)
-    return penalty, loss
+        return result
+    penalty, nll_sum = result
+    return penalty, nll_sum / max(logits.shape[0], 1)
