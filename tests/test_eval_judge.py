@@ -523,3 +523,13 @@ def test_hf_backend_greedy_both_orders_with_controlled_outputs(tmp_path):
     )
     assert summary["counts"]["invalid"] == 2 and summary["counts"]["win"] == 0
     assert summary["requests"]["by_status"]["malformed"] == 4
+
+
+def test_load_answers_keeps_line_separators_inside_strings(tmp_path):
+    """U+2028 may stand unescaped in a JSON string; str.splitlines() would cut the record there."""
+    path = tmp_path / "a.jsonl"
+    rec = {"prompt": "say it", "response": "one\u2028two"}
+    path.write_text(json.dumps(rec, ensure_ascii=False) + "\n" + json.dumps(rec) + "\n", encoding="utf-8")
+    records = load_answers(path)
+    assert [r["response"] for r in records] == ["one\u2028two", "one\u2028two"]
+    assert [r["line"] for r in records] == [1, 2]

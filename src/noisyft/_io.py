@@ -42,6 +42,28 @@ def packaged_file(distribution: str, relpath: str, *, purpose: str, install: str
     return path
 
 
+def iter_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, str, dict]]:
+    """``(line number, "FILE: line N", record)`` for every non-blank line of a JSONL file of objects.
+
+    Strict: a line that is not valid JSON, or not a JSON object, raises ValueError naming the file and line.
+    Lines are split on newlines only (iterating the file), not on U+2028 and the other separators that
+    ``str.splitlines`` also splits on and that JSON strings may hold unescaped. A UTF-8 BOM is accepted.
+    (The training-data reader, :mod:`noisyft.data`, collects bad records instead of raising.)
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield lineno, where, record
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the whole new one, never a torn one."""
     path = Path(path)

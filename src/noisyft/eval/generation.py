@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from noisyft import templates
-from noisyft._io import atomic_write_text
+from noisyft._io import atomic_write_text, iter_jsonl_objects
 
 logger = logging.getLogger(__name__)
 
@@ -383,30 +383,19 @@ def write_generations(
 
 def read_generations(path: str | os.PathLike) -> list[dict]:
     """Read a :func:`write_generations` file; a bad line raises ValueError naming the file, line and field."""
-    path = Path(path)
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key, types in _REQUIRED.items():
-                if key not in record:
-                    raise ValueError(f"{where}: field {key!r} is missing")
-                value = record[key]
-                if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
-                    names = " or ".join(t.__name__ for t in types)
-                    raise ValueError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
-            if record["finish_reason"] not in FINISH_REASONS:
-                raise ValueError(
-                    f"{where}: field 'finish_reason' must be one of {FINISH_REASONS}, "
-                    f"got {record['finish_reason']!r}"
-                )
-            records.append(record)
+    for _, where, record in iter_jsonl_objects(path):
+        for key, types in _REQUIRED.items():
+            if key not in record:
+                raise ValueError(f"{where}: field {key!r} is missing")
+            value = record[key]
+            if not isinstance(value, types) or (types == (int,) and isinstance(value, bool)):
+                names = " or ".join(t.__name__ for t in types)
+                raise ValueError(f"{where}: field {key!r} must be {names}, got {type(value).__name__}")
+        if record["finish_reason"] not in FINISH_REASONS:
+            raise ValueError(
+                f"{where}: field 'finish_reason' must be one of {FINISH_REASONS}, "
+                f"got {record['finish_reason']!r}"
+            )
+        records.append(record)
     return records

