@@ -111,6 +111,7 @@ class NoisySFTTrainer(SFTTrainer):
         self._fisher_logs = {"ce_loss": 0.0, "penalty": 0.0, "applied": 0.0, "steps": 0.0}
         self._fisher_diag: list[float] = []
         self._fisher_diag_step = -1
+        self._fisher_share_head: bool | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
@@ -149,9 +150,10 @@ class NoisySFTTrainer(SFTTrainer):
             self._fisher_generators[name] = gen
         return gen
 
-    def _step_share(self, value: float, num_items_in_batch) -> float:
+    def _step_share(self, value, num_items_in_batch):
         # With num_items_in_batch, each micro-batch's loss is already a share of the step's mean; without, the
-        # Trainer divides each micro-batch's mean by the accumulation steps.
+        # Trainer divides each micro-batch's mean by the accumulation steps. Values stay tensors (no host sync
+        # in the step); they are read at logging time.
         return value if num_items_in_batch is not None else value / self.args.gradient_accumulation_steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -166,7 +168,7 @@ class NoisySFTTrainer(SFTTrainer):
             out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             if cfg is not None and model.training:
                 loss = out[0] if return_outputs else out
-                self._fisher_logs["ce_loss"] += self._step_share(loss.detach().item(), num_items_in_batch)
+                self._fisher_logs["ce_loss"] += self._step_share(loss.detach(), num_items_in_batch)
             self._maybe_fisher_diagnostic(model, inputs)
             return out
 
@@ -201,6 +203,7 @@ class NoisySFTTrainer(SFTTrainer):
             scale = float(self.accelerator.num_processes)  # as TRL scales the loss: DDP averages gradients
         base = unwrap_model(model)
         logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
+        targets = next_token_targets(input_ids, predicted, labels) if shared else None  # (N,)
         result = fisher_penalty_from_logits(
             cap.embeds,
             logits,
@@ -210,26 +213,30 @@ class NoisySFTTrainer(SFTTrainer):
             sampling=cfg.sampling,
             generator=self._fisher_generator("sample", cap.embeds.device),
             normalizer=normalizer,
-            targets=next_token_targets(input_ids, predicted, labels) if shared else None,
+            targets=targets,
         )
         if shared:  # the cross-entropy from the same log-softmax, normalized as TRL's loss
             penalty, nll_sum = result
             loss = nll_sum / normalizer * scale
-            self._fisher_trl_metrics(
-                logits.detach(), next_token_targets(input_ids, predicted, labels), inputs
-            )
+            self._fisher_trl_metrics(logits.detach(), targets, inputs)
         else:
             penalty = result
             loss = out[0] if return_outputs else out
         total = loss + (coef * scale) * penalty.to(loss.dtype)
         logs = self._fisher_logs
-        logs["ce_loss"] += self._step_share(loss.detach().item(), num_items_in_batch)
-        logs["penalty"] += self._step_share(penalty.detach().item() * scale, num_items_in_batch)
+        logs["ce_loss"] += self._step_share(loss.detach(), num_items_in_batch)
+        logs["penalty"] += self._step_share(penalty.detach() * scale, num_items_in_batch)
         logs["applied"] += self._step_share(1.0, num_items_in_batch)
         return (total, out[1]) if return_outputs else total
 
     def _fisher_can_share_head(self, model) -> bool:
-        """Our cross-entropy replaces TRL's only for TRL's plain token-mean NLL on a model taking logits_to_keep."""
+        """Our cross-entropy replaces TRL's only for TRL's plain token-mean NLL on a model taking logits_to_keep.
+        Decided once per trainer (the settings and the model class do not change during training)."""
+        if self._fisher_share_head is None:
+            self._fisher_share_head = self._fisher_head_is_shareable(model)
+        return self._fisher_share_head
+
+    def _fisher_head_is_shareable(self, model) -> bool:
         if (
             self.compute_loss_func is not None
             or self.label_smoother is not None
@@ -290,13 +297,13 @@ class NoisySFTTrainer(SFTTrainer):
         logs = self._fisher_logs
         steps = self.state.global_step - logs["steps"]
         if self.fisher_config is not None and steps > 0:
-            entries["fisher/ce_loss"] = logs["ce_loss"] / steps
+            entries["fisher/ce_loss"] = float(logs["ce_loss"]) / steps
             applied = logs["applied"]
             entries["fisher/applied_fraction"] = applied / steps
             entries["fisher/coef"] = self.fisher_config.coefficient(max(self.state.global_step - 1, 0))
             if applied > 0:
                 # R averaged over the steps that computed it (with probability < 1 it is unscaled here)
-                entries["fisher/penalty"] = logs["penalty"] / applied
+                entries["fisher/penalty"] = float(logs["penalty"]) / applied
         if self._fisher_diag:
             entries["fisher/trace_estimate"] = sum(self._fisher_diag) / len(self._fisher_diag)
             self._fisher_diag = []
