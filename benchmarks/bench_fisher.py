@@ -42,7 +42,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_neftune import PeakRSS  # noqa: E402
+from bench_neftune import PeakRSS, load_model  # noqa: E402
 
 from noisyft.regularizers.fisher import differentiable_attention, fisher_penalty  # noqa: E402
 
@@ -52,24 +52,7 @@ GATE_P = 0.25
 
 
 def load(name: str, attn: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    if name == "tiny":
-        config = LlamaConfig(
-            vocab_size=4096,
-            hidden_size=256,
-            intermediate_size=768,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-        config._attn_implementation = attn
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn)
-    from noisyft.models import load_model_and_tokenizer
-
-    model, _ = load_model_and_tokenizer(name, dtype="float32", attn_implementation=attn)
-    return model
+    return load_model(name, attn_implementation=attn)
 
 
 def make_batch(vocab: int, batch: int, length: int, device) -> dict[str, torch.Tensor]:

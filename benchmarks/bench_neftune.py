@@ -74,7 +74,8 @@ class PeakRSS:
         return self.peak - self.base
 
 
-def load_model(name: str):
+def load_model(name: str, attn_implementation: str | None = None):
+    """SmolLM2 ('smollm2'), a model path, or 'tiny' (a 4-layer Llama from a config, seed 0), in float32."""
     if name == "tiny":
         from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -87,10 +88,11 @@ def load_model(name: str):
             num_key_value_heads=4,
             max_position_embeddings=2048,
         )
-        return AutoModelForCausalLM.from_config(config)
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
     from noisyft.models import load_model_and_tokenizer
 
-    model, _ = load_model_and_tokenizer(name)
+    model, _ = load_model_and_tokenizer(name, dtype="float32", attn_implementation=attn_implementation)
     return model
 
 

@@ -391,22 +391,6 @@ def fisher_penalty_from_logits(
     return penalty, -logp.gather(1, targets.to(logp.device).unsqueeze(1)).sum()
 
 
-def fisher_penalty_from_hidden(
-    embeds: torch.Tensor,
-    hidden: torch.Tensor,
-    logits_fn,
-    *,
-    predicted: torch.Tensor,
-    **kwargs,
-) -> torch.Tensor:
-    """:func:`fisher_penalty_from_logits` from final hidden states ``hidden`` (B, T, D): the LM head
-    ``logits_fn`` ((N, D) -> (N, V), e.g. ``partial(logits_from_hidden, base)``) runs on the ``predicted``
-    positions only ((B, T) bool, :func:`predicted_positions`)."""
-    if "normalizer" not in kwargs or kwargs["normalizer"] is None:
-        kwargs["normalizer"] = predicted.sum().clamp(min=1)
-    return fisher_penalty_from_logits(embeds, logits_fn(hidden[predicted]), **kwargs)
-
-
 class _Capture:
     """Forward hooks that keep the input embeddings (made to require grad) and the backbone's last hidden state."""
 
