@@ -1,0 +1,1 @@
+"""Regularization methods, one folder each: a torch-free ``config.py`` and its pure-torch component."""
