@@ -146,3 +146,20 @@ def test_config_validation_and_torch_free_import():
             LNSRConfig(**bad)
     code = "import sys, noisyft.methods.lnsr.config; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_gradient_checkpointing_adds_the_same_noise_in_the_recomputation():
+    ids, mask = _batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama(layers=3)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        gen = torch.Generator().manual_seed(4)
+        lnsr_penalty(
+            model, attention_mask=mask, layer=1, sigma=0.5, clean_hidden=out.hidden_states, generator=gen
+        ).backward()
+        grads.append(model.model.layers[2].mlp.up_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])

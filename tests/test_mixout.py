@@ -202,3 +202,21 @@ def test_mask_rate_is_one_minus_p():
     mask = mixout_mask((400, 500), 0.3, generator=torch.Generator().manual_seed(0))
     n = mask.numel()
     assert abs(mask.float().mean().item() - 0.7) < 4 * math.sqrt(0.21 / n)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks():
+    ids = torch.randint(3, 96, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        mixout_(model, p=0.5, exclude="lm_head")
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(0.05)  # w != u, so the masks matter
+        model.train()
+        torch.manual_seed(3)  # masks from the global RNG, as dropout
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
