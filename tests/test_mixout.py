@@ -220,3 +220,19 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append(model.model.layers[0].self_attn.q_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_gradient_on_the_global_rng_path_is_the_mask_over_one_minus_p():
+    p = 0.3
+    lin, u = _linear_with_moved_weights()
+    mixout_(lin, p=p)  # no generator: W_eff = u + dropout_p(w - u)
+    with torch.no_grad():
+        lin.weight.add_(torch.randn_like(lin.weight))  # every entry differs from u
+    seen = {}
+    lin.register_forward_pre_hook(lambda m, a: seen.update(w_eff=m.__dict__["weight"].detach().clone()))
+    x, c = torch.randn(6, 4), torch.randn(6, 3)
+    (lin(x) * c).sum().backward()
+    mask = ~torch.isclose(seen["w_eff"], u)  # entries that kept w (u + (w - u) / (1 - p) != u)
+    assert 0 < mask.sum() < mask.numel()
+    torch.testing.assert_close(seen["w_eff"], mixout_weight(lin.weight.detach(), u, p, mask))
+    torch.testing.assert_close(lin.weight.grad, mask / (1 - p) * (c.T @ x))  # dL/dW_eff = c^T x

@@ -10,9 +10,10 @@ For a selected ``nn.Linear`` with weight ``w`` (out, in) and target ``u`` (a fro
     W_eff = (M * w + (1 - M) * u - p * u) / (1 - p)                     (out, in)
     y = x @ W_eff^T + b
 
-so ``E[W_eff] = ((1 - p) w + p u - p u) / (1 - p) = w`` and ``Var[W_eff] = p / (1 - p) * (w - u)^2`` per entry, and
-``dL/dw = M / (1 - p) * dL/dW_eff``. The bias is not mixed (the paper's MixLinear mixes the weight only). A fresh
-mask is drawn per forward call. Evaluation (``module.training`` False) and anything under ``no_grad`` (``generate``)
+equivalently ``W_eff = u + M * (w - u) / (1 - p)``, inverted dropout on ``w - u`` (computed that way, with
+``F.dropout``, when no dedicated generator is given). So ``E[W_eff] = ((1 - p) w + p u - p u) / (1 - p) = w``
+and ``Var[W_eff] = p / (1 - p) * (w - u)^2`` per entry, and ``dL/dw = M / (1 - p) * dL/dW_eff``. The bias is not
+mixed (the paper's MixLinear mixes the weight only). A fresh mask is drawn per forward call. Evaluation (``module.training`` False) and anything under ``no_grad`` (``generate``)
 use ``w`` exactly.
 
 How it attaches, without changing the model's classes or its state dict: ``u`` is a *non-persistent* buffer
@@ -52,6 +53,7 @@ import weakref
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -91,12 +93,15 @@ class _LinearMixout:
         w = module._parameters["weight"]
         u = module._buffers[BUFFER]
         generator = self.generator
-        if generator is not None and generator.device != w.device:
-            raise ValueError(f"Mixout generator is on {generator.device}, the weights on {w.device}")
-        mask = mixout_mask(w.shape, self.p, device=w.device, generator=generator)  # (out, in)
-        module.__dict__["weight"] = mixout_weight(
-            w, u, self.p, mask
-        )  # read by nn.Linear.forward as self.weight
+        if generator is None:
+            # the same W_eff, written as u + dropout_p(w - u): one fused kernel on GPU, global RNG like nn.Dropout
+            w_eff = u + F.dropout(w - u, self.p, training=True)  # (out, in)
+        else:
+            if generator.device != w.device:
+                raise ValueError(f"Mixout generator is on {generator.device}, the weights on {w.device}")
+            mask = mixout_mask(w.shape, self.p, device=w.device, generator=generator)  # (out, in)
+            w_eff = mixout_weight(w, u, self.p, mask)
+        module.__dict__["weight"] = w_eff  # read by nn.Linear.forward as self.weight
         return None
 
     def after(self, module: nn.Module, args, output):
