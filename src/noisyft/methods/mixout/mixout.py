@@ -13,8 +13,8 @@ For a selected ``nn.Linear`` with weight ``w`` (out, in) and target ``u`` (a fro
 equivalently ``W_eff = u + M * (w - u) / (1 - p)``, inverted dropout on ``w - u`` (computed that way, with
 ``F.dropout``, when no dedicated generator is given). So ``E[W_eff] = ((1 - p) w + p u - p u) / (1 - p) = w``
 and ``Var[W_eff] = p / (1 - p) * (w - u)^2`` per entry, and ``dL/dw = M / (1 - p) * dL/dW_eff``. The bias is not
-mixed (the paper's MixLinear mixes the weight only). A fresh mask is drawn per forward call. Evaluation (``module.training`` False) and anything under ``no_grad`` (``generate``)
-use ``w`` exactly.
+mixed (the paper's MixLinear mixes the weight only). A fresh mask is drawn per forward call. Evaluation
+(``module.training`` False) and anything under ``no_grad`` (``generate``) use ``w`` exactly.
 
 How it attaches, without changing the model's classes or its state dict: ``u`` is a *non-persistent* buffer
 ``mixout_target`` on the Linear (it follows ``.to(device)``, is absent from ``state_dict()`` and from

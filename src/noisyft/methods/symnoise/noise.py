@@ -11,7 +11,10 @@ For a batch of input embeddings ``X`` (B, L, d), one training step evaluates the
     loss = mean over the label tokens of X_pair = (loss(X + delta) + loss(X - delta)) / 2
 
 The two copies hold the same label tokens, so the token mean over the pair is exactly the average of the two
-copies' losses. Expanding in ``delta``: ``(f(X + delta) + f(X - delta)) / 2 = f(X) + delta^T H delta / 2 + O(|delta|^4)``:
+copies' losses. Expanding in ``delta``::
+
+    (f(X + delta) + f(X - delta)) / 2 = f(X) + delta^T H delta / 2 + O(|delta|^4)
+
 the gradient term cancels exactly (it is pure noise in one-sided NEFTune) and the curvature term ``H`` remains.
 
 Scale and masking are NEFTune's (:func:`noisyft.regularizers.neftune.token_sequence_lengths`): with
