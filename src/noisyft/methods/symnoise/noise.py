@@ -24,8 +24,12 @@ zero noise; ``scale="padded"`` uses the row width and noises padding too. Every 
 ``alpha / sqrt(L_i d)``, hence variance ``alpha^2 / (L_i d)`` and a per-sequence squared norm of exactly ``alpha^2``
 (NEFTune's uniform noise: ``alpha^2 / 3`` in expectation).
 
-Where this differs from the paper (v2 text; stated from the paper's Algorithm as summarised by its readers, the
-algorithm box itself was not reachable from here and should be checked against the PDF before a release):
+Source caveat: the noise law (iid fair +/-1 entries, ``alpha / sqrt(L d)``) and the doubled batch ``X + delta`` /
+``X - delta`` with repeated labels are taken from the paper's abstract and from a third-party description of its
+algorithm box; the algorithm box itself (arXiv v2) was not readable from where this was written. Check it against
+the PDF before calling this "the paper's algorithm" in a release.
+
+Where this differs from the paper:
 
 * the paper writes ``L`` as the (padded) sequence length of the batch; the default here is each sequence's real
   length, with no noise on padding and per-document scale in packed rows (``scale="padded"`` is the literal form);
