@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from noisyft.regularizers.neftune import unwrap_model
+from noisyft._torch import unwrap_model
 
 
 def decoder_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:

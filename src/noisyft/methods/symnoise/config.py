@@ -24,7 +24,7 @@ class SymNoiseConfig:
     exactly ``alpha^2``. In the pair average the first-order (gradient) term of the loss in ``delta`` cancels
     exactly and what remains is the curvature term ``delta^T H delta / 2``: the "local curvature" the paper
     regularizes. ``L_i`` is the real length of sequence i, or of the packed document a token belongs to, as in
-    noisyft's NEFTune (:func:`noisyft.regularizers.neftune.token_sequence_lengths`); padding gets no noise.
+    noisyft's NEFTune (:func:`noisyft.methods.neftune.noise.token_sequence_lengths`); padding gets no noise.
 
     Cost: ``pair=True`` runs the forward and backward on 2B rows, i.e. twice the tokens of a plain step.
 

@@ -17,7 +17,7 @@ copies' losses. Expanding in ``delta``::
 
 the gradient term cancels exactly (it is pure noise in one-sided NEFTune) and the curvature term ``H`` remains.
 
-Scale and masking are NEFTune's (:func:`noisyft.regularizers.neftune.token_sequence_lengths`): with
+Scale and masking are NEFTune's (:func:`noisyft.methods.neftune.noise.token_sequence_lengths`): with
 ``scale="sequence"`` ``L_i(t)`` is the number of real tokens (``attention_mask``) of the sequence holding token t,
 or of its document when ``position_ids`` restart at 0 inside a packed / padding-free row, and padding gets exactly
 zero noise; ``scale="padded"`` uses the row width and noises padding too. Every noised entry has magnitude exactly
@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import torch
 
-from noisyft.regularizers.neftune import token_sequence_lengths
+from noisyft.methods.neftune.noise import token_sequence_lengths
 
 SCALES = ("sequence", "padded")
 
