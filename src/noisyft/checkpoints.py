@@ -38,6 +38,7 @@ __all__ = [
     "is_complete_checkpoint",
     "last_complete_checkpoint",
     "resolve_resume",
+    "weights_problem",
 ]
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -70,11 +71,15 @@ def _safetensors_problem(path: Path) -> str | None:
     ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
     expected = 8 + n + max(ends, default=0)
     if size != expected:
-        return f"{path.name} has {size} bytes, its header describes {expected}"
+        state = "is truncated" if size < expected else "has extra data"
+        return f"{path.name} {state} ({size} bytes, its header describes {expected})"
     return None
 
 
-def _weights_problem(folder: Path) -> str | None:
+def weights_problem(folder: str | os.PathLike) -> str | None:
+    """Why the model weights in `folder` do not load (safetensors: header and size; sharded via the index;
+    PEFT adapters), naming the file, or None."""
+    folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -110,7 +115,7 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return "trainer_state.json is not a JSON object"
     if step and state.get("global_step") != int(step.group(1)):
         return f"trainer_state.json says global_step {state.get('global_step')!r}, the folder {folder.name}"
-    problem = _weights_problem(folder)
+    problem = weights_problem(folder)
     if problem:
         return problem
     for pickled in sorted([*folder.glob("*.pt"), *folder.glob("*.pth"), *folder.glob("*.bin")]):
