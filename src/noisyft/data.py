@@ -2,7 +2,9 @@
 
 Validation runs over the whole source before anything is tokenized: by default every bad record is collected
 and :class:`BadRecordsError` lists them (file, record number, field, problem); with ``skip_bad_records=True``
-they are skipped, counted per kind, logged and returned in the :class:`DataReport`. Nothing is dropped silently.
+they are skipped, counted per kind, logged and returned in the :class:`DataReport`. Nothing is dropped silently:
+a broken element of a JSON array is one bad record and reading resumes at the next element (or stops with the
+position, when no next element can be found); an invalid UTF-8 byte spoils one JSONL line or one array element.
 
 Normalisation applied to every conversation (counted in the report): assistant turns that open a conversation
 before any user turn are dropped, as FastChat does for ShareGPT (such turns continue an earlier chunk of a
