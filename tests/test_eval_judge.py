@@ -5,11 +5,14 @@ The fake server reads the judge prompt, finds the two outputs and, by default, p
 the pair is a tie). A tag in the instruction scripts a failure: "[malformed]", "[empty]", "[refuse]",
 "[refusal-field]", "[flaky]" (HTTP 500 once), "[ratelimit]" (HTTP 429 with Retry-After once), "[down]"
 (HTTP 503 always), "[denied]" (HTTP 401 echoing the key), "[slow]" (longer than the timeout),
-"[malformed-ba]" (malformed only when B is shown first).
+"[malformed-ba]" (malformed only when B is shown first), "[echo]" (a 200 reply quoting the key in several
+encodings, and a verdict), "[error200]" (HTTP 200 with an `error` object echoing the key, once), "[huge]"
+(a 100 000-character reply).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -17,6 +20,7 @@ import math
 import re
 import threading
 import time
+import urllib.parse
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -25,6 +29,7 @@ import torch
 
 from noisyft.eval.judge import (
     JudgeConfig,
+    JudgeNoResultError,
     judge_answer_files,
     judge_pairwise,
     load_answers,
@@ -124,6 +129,9 @@ class FakeJudgeServer:
         if "[denied]" in instruction:
             key = h.headers.get("Authorization", "").removeprefix("Bearer ")
             return error(401, f"Incorrect API key provided: {key} (shown as {key[:10]}****{key[-4:]})")
+        if "[error200]" in instruction and attempt == 1:
+            key = h.headers.get("Authorization", "").removeprefix("Bearer ")
+            return 200, {}, {"error": {"message": f"upstream failed for key {key}", "code": 500}}
         if "[slow]" in instruction:
             time.sleep(self.slow_s)
         reply, refusal = self.verdict(first, second), None
@@ -135,6 +143,16 @@ class FakeJudgeServer:
             reply = "I'm sorry, but I can't help with that."
         elif "[refusal-field]" in instruction:
             reply, refusal = None, "I will not judge this."
+        elif "[echo]" in instruction:
+            auth = h.headers.get("Authorization", "")
+            key = auth.removeprefix("Bearer ")
+            encoded = base64.b64encode(f"user:{key}".encode()).decode()
+            reply = (
+                f"you sent {auth!r}, i.e. {urllib.parse.quote(key, safe='')} / Basic {encoded}; "
+                f"masked: {key[:5]}****{key[-4:]}, start {key[:9]}, end {key[-9:]}"
+            )
+        elif "[huge]" in instruction:
+            reply = "x" * 100_000
         message = {"role": "assistant", "content": reply, "refusal": refusal}
         choice = {"index": 0, "message": message, "finish_reason": "stop"}
         return (
@@ -533,3 +551,105 @@ def test_load_answers_keeps_line_separators_inside_strings(tmp_path):
     records = load_answers(path)
     assert [r["response"] for r in records] == ["one\u2028two", "one\u2028two"]
     assert [r["line"] for r in records] == [1, 2]
+
+
+# --- secrets in replies, HTTP 200 errors, reply size, no result -----------------------------------------
+
+
+@pytest.mark.parametrize("key", [KEY, PLAIN_KEY])
+def test_a_key_echoed_in_a_successful_reply_never_reaches_disk(key, server, monkeypatch, tmp_path, caplog):
+    from noisyft.eval.redaction import MASK
+
+    monkeypatch.setenv(KEY_ENV, key)
+    caplog.set_level(logging.DEBUG)
+    instructions, a, b = pairs([("[echo]", "a"), ("[error200]", "a"), ("", "a")])
+    summary = judge_answer_files_from(tmp_path, instructions, a, b, make_config(server))
+    rows = [json.loads(line) for line in (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()]
+    echo = rows[0]["reply"]
+    assert rows[0]["status"] == "malformed" and echo.startswith("you sent 'Bearer ***'")  # it was written
+    assert "masked: ***, start ***, end ***" in echo  # whole: no visible start or end beside the mask
+    # every encoding of the key is gone from every file, log line and the summary
+    forms = {key, urllib.parse.quote(key, safe=""), base64.b64encode(f"user:{key}".encode()).decode()[8:-4]}
+    pieces = {f[i : i + 8] for f in forms for i in range(len(f) - 7)}
+    pieces |= {key[:5] + "****", "****" + key[-4:]}
+    texts = [p.read_text() for p in tmp_path.rglob("*") if p.is_file()] + [caplog.text, json.dumps(summary)]
+    for text in texts:
+        assert not [p for p in pieces if p in text]
+    assert MASK in (tmp_path / "out" / "judgments.jsonl").read_text()
+
+
+def test_http_200_with_an_error_object_is_retried_not_cached(server, key_env, tmp_path):
+    instructions, a, b = pairs([("[error200]", "a")])
+    cache = tmp_path / "cache"
+    summary = judge_pairwise(instructions, a, b, make_config(server), cache_dir=cache, progress=False)
+    assert summary["counts"]["win"] == 1 and summary["requests"]["retries"] == 2  # one retry per order
+    assert server.sent("[error200]") == 4
+    entries = [json.loads(p.read_text()) for p in cache.rglob("*.json")]
+    assert sorted(e["status"] for e in entries) == ["ok", "ok"]
+    # with no retry allowed, it is a transport failure (http_error), not a malformed verdict
+    summary = judge_pairwise(
+        ["question [error200] again"],
+        a,
+        b,
+        make_config(server, max_retries=0),
+        cache_dir=cache,
+        progress=False,
+    )
+    assert (
+        summary["requests"]["by_status"]["http_error"] == 2
+        and summary["requests"]["by_status"]["malformed"] == 0
+    )
+    assert len(list(cache.rglob("*.json"))) == 2  # nothing more cached
+
+
+def test_replies_are_stored_capped_and_flagged(server, key_env, tmp_path):
+    from noisyft.eval.judge_backends import MAX_REPLY_CHARS
+
+    instructions, a, b = pairs([("[huge]", "a")])
+    judge_pairwise(
+        instructions,
+        a,
+        b,
+        make_config(server),
+        cache_dir=tmp_path / "c",
+        output_dir=tmp_path / "o",
+        progress=False,
+    )
+    rows = [json.loads(line) for line in (tmp_path / "o" / "judgments.jsonl").read_text().splitlines()]
+    assert [len(r["reply"]) for r in rows] == [MAX_REPLY_CHARS] * 2 and all(
+        r["reply_truncated"] for r in rows
+    )
+    for entry in (tmp_path / "c").rglob("*.json"):
+        assert entry.stat().st_size < MAX_REPLY_CHARS + 1000
+
+
+def test_no_judged_pair_raises_after_writing_the_results(server, key_env, tmp_path):
+    instructions, a, b = pairs([("[down]", "a"), ("[malformed]", "a")])
+    with pytest.raises(JudgeNoResultError, match=r"could not judge any of the 2 pairs") as info:
+        judge_answer_files_from(tmp_path, instructions, a, b, make_config(server, max_retries=0))
+    assert isinstance(info.value, ValueError) and info.value.summary["n"] == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"]["invalid"] == 2
+    # all capped (max_requests=0, empty cache) is no result either
+    with pytest.raises(JudgeNoResultError, match="capped: 2"):
+        (tmp_path / "x").mkdir()
+        judge_answer_files_from(tmp_path / "x", *pairs([("", "a")]), make_config(server, max_requests=0))
+
+
+def test_redaction_replaces_the_whole_key_in_any_encoding():
+    from noisyft.eval.redaction import redact
+
+    key = PLAIN_KEY
+    cases = {
+        f"Authorization: Bearer {key}": "Authorization: Bearer ***",
+        f"k={urllib.parse.quote_plus(key)}&x=1": "k=***&x=1",
+        f"prefix {key[:12]}... suffix": "prefix *** suffix",
+        f"shown as {key[:4]}****{key[-3:]}.": "shown as ***.",
+        f"{key[2:20]}": "***",
+        "an ordinary sentence... with dots": "an ordinary sentence... with dots",
+    }
+    for text, expected in cases.items():
+        assert redact(text, key) == expected
+    for prefix in ("", "u:", "ab:"):  # base64 at each byte alignment
+        encoded = base64.b64encode(f"{prefix}{key}".encode()).decode()
+        masked = redact(f"Basic {encoded}", key)
+        assert "***" in masked and len(masked) < len("Basic ") + 8 + 3

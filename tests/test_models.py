@@ -243,3 +243,53 @@ def test_embedded_smollm2_converts_to_a_plain_hf_folder():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer
+
+
+# --- loading errors name the file --------------------------------------------------------------------------
+
+
+class _RunsCode:
+    """A pickle payload that would run a command when unpickled without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED_BY_PICKLE",))
+
+
+def _break_weights(folder: Path, how: str) -> None:
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        weights.write_bytes(weights.read_bytes()[:4096])
+    elif how == "header cut":
+        weights.write_bytes(weights.read_bytes()[:20])
+    elif how == "deleted":
+        weights.unlink()
+    elif how == "malicious pickle":
+        import pickle
+
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"model.embed_tokens.weight": _RunsCode()}))
+
+
+@pytest.mark.parametrize(
+    ("how", "expected"),
+    [
+        ("truncated", r"model\.safetensors is truncated \(4096 bytes, its header describes \d+\)"),
+        ("header cut", r"model\.safetensors is truncated"),
+        ("deleted", r"no weights file \(model\.safetensors"),
+        ("malicious pickle", r"torch\.load\(weights_only=True\) refused pytorch_model\.bin"),
+    ],
+)
+def test_a_broken_model_folder_is_a_one_line_error_naming_the_file(tiny_folder, how, expected, monkeypatch):
+    folder, _ = tiny_folder
+    monkeypatch.chdir(folder)
+    _break_weights(folder, how)
+    with pytest.raises(
+        models.ModelLoadError, match=rf"^cannot load the model in {folder}: {expected}"
+    ) as info:
+        load_model_and_tokenizer(folder)
+    assert isinstance(info.value, OSError) and "\n" not in str(info.value)
+    error = info.value  # no chained transformers traceback
+    assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+    assert not (folder / "PWNED_BY_PICKLE").exists()

@@ -2,7 +2,9 @@
 
 Validation runs over the whole source before anything is tokenized: by default every bad record is collected
 and :class:`BadRecordsError` lists them (file, record number, field, problem); with ``skip_bad_records=True``
-they are skipped, counted per kind, logged and returned in the :class:`DataReport`. Nothing is dropped silently.
+they are skipped, counted per kind, logged and returned in the :class:`DataReport`. Nothing is dropped silently:
+a broken element of a JSON array is one bad record and reading resumes at the next element (or stops with the
+position, when no next element can be found); an invalid UTF-8 byte spoils one JSONL line or one array element.
 
 Normalisation applied to every conversation (counted in the report): assistant turns that open a conversation
 before any user turn are dropped, as FastChat does for ShareGPT (such turns continue an earlier chunk of a
@@ -15,12 +17,14 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from noisyft import templates
+from noisyft._io import JsonArrayStructureError, line_column, scan_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -109,84 +113,76 @@ class RecordProblem(ValueError):
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def scan_json_array(text: str) -> Iterator[Any]:
-    """Yield the elements of the JSON array in ``text`` one at a time.
-
-    At the first element that does not parse (e.g. a file cut off mid-record) it raises ``JSONDecodeError``
-    after the elements before it were yielded; the exception's ``element_start`` is where that element begins
-    (absent when ``text`` is not a JSON array at all).
-    """
-    decoder = json.JSONDecoder()
-    skip = json.decoder.WHITESPACE.match  # type: ignore[attr-defined]
-
-    def fail(message: str, pos: int) -> json.JSONDecodeError:
-        err = json.JSONDecodeError(message, text, pos)
-        err.element_start = pos  # type: ignore[attr-defined]
-        return err
-
-    i = skip(text, 0).end()
-    if not text.startswith("[", i):
-        raise json.JSONDecodeError("expected a JSON array of records ('[')", text, i)
-    i = skip(text, i + 1).end()
-    if not text.startswith("]", i):
-        while True:
-            if i >= len(text):
-                raise fail("unexpected end of file (no closing ']')", i)
-            try:
-                value, end = decoder.raw_decode(text, i)
-            except json.JSONDecodeError as e:
-                e.element_start = i  # type: ignore[attr-defined]
-                raise
-            yield value
-            i = skip(text, end).end()
-            if text.startswith("]", i):
-                break
-            if not text.startswith(",", i):
-                raise fail("expected ',' or ']' after a record", i)
-            i = skip(text, i + 1).end()
-    if text[i + 1 :].strip():
-        raise fail("extra data after the closing ']'", i + 1)
-
-
 # Each reader yields (origin, record number, line or None, record, BadRecord or None).
 _Item = tuple[str, int, "int | None", Any, "BadRecord | None"]
 
 
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataSourceError(f"{path}: not UTF-8 text ({e})") from e
+def _utf8_problem(exc: UnicodeDecodeError, offset: int = 0) -> str:
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return f"invalid UTF-8 (byte 0x{byte} at byte offset {offset + exc.start}: {exc.reason})"
+
+
+def _bad(origin: str, index: int, line: int | None, problem: str, kind: str) -> _Item:
+    return origin, index, line, None, BadRecord(origin, index, WHOLE_RECORD, problem, kind, line)
+
+
+def _split_lines(raw: bytes) -> list[bytes]:
+    """One line read in binary (ending in \\n) split on \\r too, as text mode with ``newline=""`` would."""
+    body = raw[:-1] if raw.endswith(b"\n") else raw
+    body = body[:-1] if body.endswith(b"\r") else body
+    return body.split(b"\r")
 
 
 def _read_jsonl(path: Path, origin: str) -> Iterator[_Item]:
-    index = 0
-    line_no = 0
-    # Iterating a text file splits lines on \n / \r only; str.splitlines() would also split on U+2028 and
-    # other separators that JSON strings may hold unescaped.
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        try:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
+    """JSON Lines, read as bytes and decoded line by line, so an invalid UTF-8 byte spoils one line only.
+
+    Lines are split on \\n and \\r, not on U+2028 and the other separators that ``str.splitlines`` also splits
+    on and that JSON strings may hold unescaped. A UTF-8 BOM is accepted.
+    """
+    index = line_no = offset = 0
+    with open(path, "rb") as f:
+        for raw in f:
+            start = offset
+            offset += len(raw)
+            for piece in _split_lines(raw):
+                line_no += 1
+                piece_start, start = start, start + len(piece) + 1
+                if line_no == 1 and piece.startswith(b"\xef\xbb\xbf"):
+                    piece, piece_start = piece[3:], piece_start + 3
+                if not piece.strip():
                     continue
                 index += 1
                 try:
-                    yield origin, index, line_no, json.loads(line), None
+                    line = piece.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield _bad(origin, index, line_no, _utf8_problem(e, piece_start), "invalid UTF-8")
+                    continue
+                try:
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
+                    if index == 1 and line.lstrip().startswith("["):
+                        raise DataSourceError(_ARRAY_HINT.format(origin=origin)) from None
                     problem = f"invalid JSON: {e.msg} (column {e.colno})"
-                    yield (
-                        origin,
-                        index,
-                        line_no,
-                        None,
-                        BadRecord(origin, index, WHOLE_RECORD, problem, "invalid JSON", line_no),
-                    )
-        except UnicodeDecodeError as e:
-            raise DataSourceError(f"{origin}: not UTF-8 text (after line {line_no}: {e})") from e
+                    yield _bad(origin, index, line_no, problem, "invalid JSON")
+                    continue
+                if index == 1 and isinstance(record, list) and record and isinstance(record[0], dict):
+                    raise DataSourceError(_ARRAY_HINT.format(origin=origin))
+                yield origin, index, line_no, record, None
+
+
+_ARRAY_HINT = (
+    "{origin}: this looks like a JSON array, not JSON Lines (one object per line); "
+    "rename it to .json, or write one record per line"
+)
+_SURROGATE = re.compile("[\udc80-\udcff]")
 
 
 def _read_json(path: Path, origin: str) -> Iterator[_Item]:
-    text = _read_text(path)
+    """A JSON array, element by element (:func:`noisyft._io.scan_json_array`): a broken element is a bad
+    record and reading resumes at the next one; an element holding invalid UTF-8 is a bad record too."""
+    data = path.read_bytes()
+    data = data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+    text = data.decode("utf-8", errors="surrogateescape")  # invalid bytes -> lone surrogates U+DC80..U+DCFF
     if text.lstrip().startswith("{"):
         try:
             json.loads(text)
@@ -197,25 +193,31 @@ def _read_json(path: Path, origin: str) -> Iterator[_Item]:
                 return
         else:
             raise DataSourceError(f"{origin}: holds one JSON object; expected a JSON array of records")
-    index = 0
+    has_bad_bytes = _SURROGATE.search(text) is not None
     try:
-        for index, record in enumerate(scan_json_array(text), 1):
-            yield origin, index, None, record, None
-    except json.JSONDecodeError as e:
-        if getattr(e, "element_start", None) is None and index == 0:
-            raise DataSourceError(f"{origin}: not a JSON array of records: {e.msg} (line {e.lineno})") from e
-        start = getattr(e, "element_start", e.pos)
-        rest = len(text[start:].encode("utf-8"))
-        problem = (
-            f"invalid JSON: {e.msg} (column {e.colno}); the rest of the file ({rest} bytes) could not be read"
-        )
-        yield (
-            origin,
-            index + 1,
-            None,
-            None,
-            BadRecord(origin, index + 1, WHOLE_RECORD, problem, "invalid JSON", e.lineno),
-        )
+        for element in scan_json_array(text):
+            line = line_column(text, element.start)[0]
+            bad_byte = has_bad_bytes and _SURROGATE.search(text, element.start, element.end)
+            if bad_byte:
+                offset = len(text[: bad_byte.start()].encode("utf-8", errors="surrogateescape"))
+                problem = (
+                    f"invalid UTF-8 (byte 0x{ord(bad_byte.group()) - 0xDC00:02x} at byte offset {offset})"
+                )
+                yield _bad(origin, element.index, line, problem, "invalid UTF-8")
+            elif element.error is None:
+                yield origin, element.index, None, element.value, None
+            else:
+                problem = f"invalid JSON: {element.error}"
+                if element.unread:
+                    rest = len(text[element.start :].encode("utf-8", errors="surrogateescape"))
+                    problem += f"; the rest of the file ({rest} bytes) could not be read"
+                yield _bad(origin, element.index, line, problem, "invalid JSON")
+    except JsonArrayStructureError as e:
+        if e.index == 0:
+            raise DataSourceError(f"{origin}: not a JSON array of records: {e.msg} (line {e.line})") from e
+        raise DataSourceError(
+            f"{origin}: {e}; fix the file (records after this point cannot be located)"
+        ) from e
 
 
 def _read_dataset(dataset: Any, origin: str) -> Iterator[_Item]:

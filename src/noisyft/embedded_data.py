@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from noisyft._io import atomic_dir, cache_dir, packaged_file
-from noisyft.data import scan_json_array
+from noisyft._io import atomic_dir, cache_dir, line_column, packaged_file, scan_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -85,23 +84,23 @@ def _build(source: Path, expected: dict) -> dict:
             split: stack.enter_context(open(tmp / f"{split}.jsonl", "w", encoding="utf-8"))
             for split in SPLITS
         }
-        try:
-            for record in scan_json_array(text):
-                split = "heldout" if is_heldout(record, expected["heldout_fraction"]) else "train"
-                files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
-                counts[split] += 1
-        except json.JSONDecodeError as e:
-            start = getattr(e, "element_start", e.pos)
-            tail_bytes = len(text[start:].encode("utf-8"))
-            logger.info(
-                "%s is cut off mid-record (JSON error %r at line %d); kept the %d complete records, "
-                "%d bytes left unparsed",
-                source.name,
-                e.msg,
-                e.lineno,
-                sum(counts.values()),
-                tail_bytes,
-            )
+        for element in scan_json_array(text):
+            if element.error is not None:  # the file is JSON written by a program: no break but the cut
+                tail_bytes = len(text[element.start :].encode("utf-8"))
+                logger.info(
+                    "%s is cut off mid-record (%s at line %d); kept the %d complete records, "
+                    "%d bytes left unparsed",
+                    source.name,
+                    element.error,
+                    line_column(text, element.start)[0],
+                    sum(counts.values()),
+                    tail_bytes,
+                )
+                break
+            record = element.value
+            split = "heldout" if is_heldout(record, expected["heldout_fraction"]) else "train"
+            files[split].write(json.dumps(record, ensure_ascii=False) + "\n")
+            counts[split] += 1
         stack.close()
         manifest = {
             **expected,

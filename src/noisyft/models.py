@@ -254,6 +254,47 @@ def _dtype_arg(dtype: str | torch.dtype) -> Any:
     return _DTYPES[key]
 
 
+class ModelLoadError(OSError):
+    """A local model folder that cannot be loaded; the one-line message names the folder and the file."""
+
+
+def _check_local_weights(folder: Path) -> bool:
+    """Check the weights of a local folder before transformers reads them; True when they are safetensors.
+
+    Raises :class:`ModelLoadError` naming the file when a safetensors file is truncated or missing (a shard
+    index naming absent shards) or when there are no weights at all.
+    """
+    from noisyft.checkpoints import weights_problem
+
+    if (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors")):
+        problem = weights_problem(folder)
+        if problem:
+            raise ModelLoadError(f"cannot load the model in {folder}: {problem}")
+        return True
+    pickled = [p.name for p in (folder / "pytorch_model.bin", folder / "pytorch_model.bin.index.json")]
+    if not any((folder / name).is_file() for name in pickled):
+        raise ModelLoadError(
+            f"cannot load the model in {folder}: no weights file (model.safetensors, "
+            "model.safetensors.index.json or pytorch_model.bin)"
+        )
+    logger.warning("%s has no safetensors weights; loading the pickled (.bin) ones", folder)
+    return False
+
+
+def _local_load_error(folder: Path, exc: Exception) -> ModelLoadError:
+    """A one-line error for a local folder that transformers failed to load, naming the file when known."""
+    import pickle
+
+    first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, pickle.UnpicklingError):
+        files = ", ".join(sorted(p.name for p in folder.glob("*.bin"))) or "the .bin weights"
+        return ModelLoadError(
+            f"cannot load the model in {folder}: torch.load(weights_only=True) refused {files} (a "
+            "truncated file, or a pickle that would run code when loaded; nothing in it was run)"
+        )
+    return ModelLoadError(f"cannot load the model in {folder}: {type(exc).__name__}: {first_line}")
+
+
 def load_model_and_tokenizer(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     *,
@@ -282,10 +323,8 @@ def load_model_and_tokenizer(
     kwargs: dict[str, Any] = {"dtype": _dtype_arg(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    if local and any(Path(source).glob("*.safetensors")):
-        kwargs["use_safetensors"] = True
-    elif local:
-        logger.warning("%s has no safetensors weights; loading the pickled (.bin) ones", source)
+    if local:
+        kwargs["use_safetensors"] = _check_local_weights(Path(source))
 
     start = time.perf_counter()
     try:
@@ -293,7 +332,7 @@ def load_model_and_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except Exception as exc:
         if local:
-            raise
+            raise _local_load_error(Path(source), exc) from None
         offline = _hub_offline()
         raise OSError(
             f"Could not load model {name!r}: it is neither {DEFAULT_MODEL!r} (the embedded default) nor an "

@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from noisyft._torch import unwrap_model
+from noisyft.eval.curvature_memory import size_to_memory
 from noisyft.methods.neftune.noise import neftune_noise, token_sequence_lengths
 
 logger = logging.getLogger(__name__)
@@ -348,12 +349,17 @@ def fisher_trace(
 
 
 # -- the report ------------------------------------------------------------------------------------------------------
-def _as_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+def _target_dtype(model: torch.nn.Module, dtype: str) -> torch.dtype:
     if dtype == "model":
-        return model
+        return next(model.parameters()).dtype
     target = {"float64": torch.float64, "float32": torch.float32}.get(dtype)
     if target is None:
         raise ValueError(f"dtype must be 'float64', 'float32' or 'model', got {dtype!r}")
+    return target
+
+
+def _as_dtype(model: torch.nn.Module, dtype: str) -> torch.nn.Module:
+    target = _target_dtype(model, dtype)
     if all(p.dtype == target for p in model.parameters()):
         return model
     logger.info("curvature analysis on a %s copy of the model", dtype)
@@ -371,6 +377,8 @@ def curvature_report(
     seed: int = 0,
     dtype: str = "float64",
     max_batch_rows: int = 16,
+    memory_budget_bytes: int | None = None,
+    fit_memory: bool = True,
 ) -> dict[str, Any]:
     """The curvature table: per alpha, the Monte-Carlo gap beside a^2/6 Tr(H_X) and a^2/6 Tr(F_X).
 
@@ -381,13 +389,29 @@ def curvature_report(
     sums sum_s Tr(H_{X_s}) / (L_s d) (alpha = 1). ``dtype``: ``"float64"`` (default; a float64 copy when the model
     is not already), ``"float32"`` or ``"model"``. Seeds: the MC noise, the Rademacher probes and the Fisher
     labels use independent generators seeded from ``seed``. JSON-serializable.
+
+    Memory: before anything runs, the peak is estimated and compared with
+    ``memory_budget_bytes`` (None: 80% of the available memory); see :mod:`noisyft.eval.curvature_memory`.
+    Over budget, with ``fit_memory`` the analysis sizes itself down (fewer rows per pass, then shorter /
+    fewer sequences; logged, and recorded under ``"memory"``); without it, or when nothing fits, it raises
+    ``CurvatureMemoryError`` (a ValueError) with the estimate and the budget instead of being killed.
     """
     if fisher_samples != 0 and fisher_samples < 2:
         raise ValueError(f"fisher_samples must be 0 (skip) or >= 2, got {fisher_samples}")
-    work = _as_dtype(model, dtype)
-    device = next(work.parameters()).device
+    device = next(model.parameters()).device
     input_ids, attention_mask, labels = _checked(batch, device)
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch, max_batch_rows, memory = size_to_memory(
+        model,
+        batch,
+        _target_dtype(model, dtype),
+        max_batch_rows,
+        hutchinson_samples,
+        memory_budget_bytes,
+        fit_memory,
+    )
+    input_ids, attention_mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    work = _as_dtype(model, dtype)
     d = unwrap_model(work).get_input_embeddings().embedding_dim
     unit_scale = noise_scales(attention_mask, d)  # (B, T), 1 / sqrt(L_s d)
     a2 = unit_scale.amax(dim=1).double().cpu() ** 2  # (B,), a_s^2 at alpha = 1 (constant over a sequence)
@@ -441,6 +465,7 @@ def curvature_report(
             "fisher": fisher.to_dict() if fisher else None,
             "fisher_weighted": weighted_f.to_dict() if weighted_f else None,
         },
+        "memory": memory,
         "batch": {
             "n_sequences": len(lengths),
             "lengths": lengths,

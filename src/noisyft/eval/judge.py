@@ -61,6 +61,7 @@ from noisyft.eval.judge_backends import (
     judge_messages,
     parse_verdict,
 )
+from noisyft.eval.redaction import Redactor
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +70,7 @@ __all__ = [
     "JUDGE_USER_TEMPLATE",
     "PROMPT_VERSION",
     "JudgeConfig",
+    "JudgeNoResultError",
     "judge_answer_files",
     "judge_messages",
     "judge_pairwise",
@@ -80,6 +82,14 @@ __all__ = [
 
 OUTCOMES = ("win", "loss", "tie", "invalid", "capped")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class JudgeNoResultError(ValueError):
+    """No pair could be judged (every request failed or was capped); ``summary`` is the written summary."""
+
+    def __init__(self, message: str, summary: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass
@@ -486,12 +496,11 @@ def judge_pairwise(
         run.budget.sent,
         summary["requests"]["cache_hits"],
     )
-    if output_dir is not None:
-        out = Path(output_dir)
-        lines = [json.dumps(r, ensure_ascii=False) for r in ordered]
-        text = "\n".join(lines) + ("\n" if lines else "")
-        _io.atomic_write_text(out / "judgments.jsonl", text.replace(secret, "***") if secret else text)
-        _io.atomic_write_json(out / "summary.json", summary)
+    if output_dir is not None:  # every reply and error was redacted already; this pass guards the files
+        out, redact = Path(output_dir), Redactor(secret)
+        lines = [redact(json.dumps(r, ensure_ascii=False)) for r in ordered]
+        _io.atomic_write_text(out / "judgments.jsonl", "".join(line + "\n" for line in lines))
+        _io.atomic_write_text(out / "summary.json", redact(json.dumps(summary, indent=2, default=str)) + "\n")
     return summary
 
 
@@ -507,12 +516,14 @@ def judge_answer_files(
 ) -> dict[str, Any]:
     """:func:`load_answers` both files, :func:`pair_answers` them, then :func:`judge_pairwise` (A = `path_a`).
 
-    The summary also records the two source files under ``"answers"``.
+    The summary also records the two source files under ``"answers"``. Raises :class:`JudgeNoResultError`
+    (a ValueError carrying the summary) when no pair could be judged (every request failed or was capped),
+    after the results files were written, so a command can exit non-zero.
     """
     instructions, a, b = pair_answers(
         load_answers(path_a), load_answers(path_b), name_a=str(path_a), name_b=str(path_b)
     )
-    return judge_pairwise(
+    summary = judge_pairwise(
         instructions,
         a,
         b,
@@ -523,3 +534,11 @@ def judge_answer_files(
         judge_model=judge_model,
         sources={"a": str(path_a), "b": str(path_b)},
     )
+    if summary["n"] == 0:
+        counts = ", ".join(f"{k}: {v}" for k, v in summary["requests"]["by_status"].items() if v)
+        written = f"; results in {output_dir}" if output_dir is not None else ""
+        raise JudgeNoResultError(
+            f"the judge could not judge any of the {summary['n_pairs']} pairs (requests {counts}){written}",
+            summary,
+        )
+    return summary

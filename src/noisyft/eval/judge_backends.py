@@ -14,7 +14,10 @@ LiteLLM) and already maps HTTP statuses to typed exceptions that keep the respon
 countable, and so that the request cap also bounds retries.
 
 The API key is read from an environment variable by the caller and handed to the SDK client only; it is
-never logged, and every error text that leaves this module passes through :func:`redact`.
+never logged, and every text that leaves this module (error texts, and replies, which a server may use to
+echo the key) passes through the backend's :class:`~noisyft.eval.redaction.Redactor`. Replies are kept
+up to :data:`MAX_REPLY_CHARS` characters (longer ones are cut and flagged ``reply_truncated``). An HTTP 200
+whose body carries an ``error`` object is a transport failure (retried, never cached), not a reply.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from noisyft import _io
+from noisyft.eval.redaction import Redactor, redact
 
 logger = logging.getLogger(__name__)
 
@@ -75,9 +79,8 @@ _REFUSAL = re.compile(
 )
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"
 RETRYABLE_STATUSES = frozenset({408, 409, 429})  # plus every 5xx
-_KEY_LIKE = re.compile(r"\b(sk|pk|rk|key|hf)[-_][A-Za-z0-9_\-*.]{6,}", re.IGNORECASE)
 _ERROR_TEXT_LIMIT = 300
-_PIECE = 8  # pieces of the key this long are masked too
+MAX_REPLY_CHARS = 4096  # a judge reply is kept up to this many characters in the cache and judgments
 
 
 # --- prompt and reply -----------------------------------------------------------------------------------
@@ -113,22 +116,6 @@ def parse_verdict(
 
 
 # --- backends ------------------------------------------------------------------------------------------
-
-
-def redact(text: str, secret: str | None) -> str:
-    """`text` with `secret`, any 8-character piece of it, and anything shaped like an API key (``sk-...``)
-    masked as ``***``.
-
-    Servers sometimes echo the key they were given, or a masked form of it (``sk-pr****cdef``), in a 401
-    body; the pieces and the pattern catch those too.
-    """
-    if secret:
-        text = text.replace(secret, "***")
-        for i in range(len(secret) - _PIECE + 1):
-            piece = secret[i : i + _PIECE]
-            if piece in text:
-                text = text.replace(piece, "***")
-    return _KEY_LIKE.sub(lambda m: f"{m.group(1)}-***", text)
 
 
 @dataclass(frozen=True)
@@ -208,7 +195,7 @@ class OpenAIJudgeBackend:
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_OPENAI_BASE_URL).rstrip("/")
         self.temperature = temperature
         self.max_tokens = max_tokens
-        self._secret = api_key
+        self.redact = Redactor(api_key)
         self._client = openai.OpenAI(
             base_url=self.base_url, api_key=api_key, timeout=timeout_s, max_retries=0
         )
@@ -233,7 +220,7 @@ class OpenAIJudgeBackend:
             raise JudgeRequestError("timeout", "request timed out", retryable=True) from None
         except openai.APIStatusError as exc:
             code = exc.status_code
-            detail = redact(f"HTTP {code}: {exc.message}", self._secret)[:_ERROR_TEXT_LIMIT]
+            detail = self.redact(f"HTTP {code}: {exc.message}")[:_ERROR_TEXT_LIMIT]
             raise JudgeRequestError(
                 "http_error",
                 detail,
@@ -242,11 +229,16 @@ class OpenAIJudgeBackend:
                 retry_after=_retry_after(getattr(exc.response, "headers", None)),
             ) from None
         except openai.APIConnectionError as exc:
-            detail = redact(f"connection error: {exc.message}", self._secret)[:_ERROR_TEXT_LIMIT]
+            detail = self.redact(f"connection error: {exc.message}")[:_ERROR_TEXT_LIMIT]
             raise JudgeRequestError("http_error", detail, retryable=True) from None
-        except openai.OpenAIError as exc:
-            detail = redact(f"{type(exc).__name__}: {exc}", self._secret)[:_ERROR_TEXT_LIMIT]
+        except (openai.OpenAIError, ValueError) as exc:  # other SDK errors, a reply it could not decode
+            detail = self.redact(f"{type(exc).__name__}: {exc}")[:_ERROR_TEXT_LIMIT]
             raise JudgeRequestError("http_error", detail, retryable=False) from None
+        error = (getattr(response, "model_extra", None) or {}).get("error")
+        if error is not None:  # an HTTP 200 that is an error report, not a reply
+            message = error.get("message", error) if isinstance(error, dict) else error
+            detail = self.redact(f"HTTP 200 with an error object: {message}")[:_ERROR_TEXT_LIMIT]
+            raise JudgeRequestError("http_error", detail, retryable=True, http_status=200)
         choices = getattr(response, "choices", None)
         if not choices:  # a 200 without choices: a reply, but not one we can read
             return Completion(text=None, finish_reason="no_choices")
@@ -284,6 +276,8 @@ class HFJudgeBackend:
 
     def __repr__(self) -> str:
         return f"HFJudgeBackend(model_id={self.model_id!r})"
+
+    redact = Redactor(None)  # no key; masks key-shaped tokens only
 
     def identity(self) -> dict[str, Any]:
         return {"backend": self.name, "model": self.model_id, "base_url": None}
@@ -440,6 +434,19 @@ class RequestRunner:
     max_tokens: int
     cache_invalid_replies: bool = True
 
+    def _stored_reply(self, reply: Completion) -> dict[str, Any]:
+        """The reply as cached and written: redacted, then cut to :data:`MAX_REPLY_CHARS` characters."""
+        redactor = getattr(self.backend, "redact", None) or Redactor(None)
+        text = reply.text if reply.text is not None else reply.refusal
+        text = None if text is None else redactor(text)
+        finish = None if reply.finish_reason is None else redactor(reply.finish_reason)
+        cut = text is not None and len(text) > MAX_REPLY_CHARS
+        return {
+            "reply": text[:MAX_REPLY_CHARS] if cut else text,
+            "reply_truncated": cut,
+            "finish_reason": finish,
+        }
+
     def judge(self, pair: int, order: str, instruction: str, first: str, second: str) -> dict[str, Any]:
         """One request (answer `order[0]` shown first): from the cache, or sent; returns its judgments row."""
         key = JudgmentCache.make_key(
@@ -468,13 +475,7 @@ class RequestRunner:
                 status, choice = parse_verdict(
                     reply.text, finish_reason=reply.finish_reason, refusal=reply.refusal
                 )
-                text = reply.text if reply.text is not None else reply.refusal
-                entry = {
-                    "status": status,
-                    "choice": choice,
-                    "reply": text,
-                    "finish_reason": reply.finish_reason,
-                }
+                entry = {"status": status, "choice": choice, **self._stored_reply(reply)}
                 if status == "ok" or self.cache_invalid_replies:
                     self.cache.put(key, entry)
         choice = entry.get("choice")
@@ -486,6 +487,7 @@ class RequestRunner:
             "choice": choice,
             "preferred": None if choice is None else order[0] if choice == "first" else order[1],
             "reply": entry.get("reply"),
+            "reply_truncated": entry.get("reply_truncated", False),
             "finish_reason": entry.get("finish_reason"),
             "error": entry.get("error"),
             "http_status": entry.get("http_status"),
