@@ -132,9 +132,11 @@ def test_eval_judge_cli_with_a_local_judge(tiny_eval_inputs, tmp_path, capsys):
             str(tmp_path / "cache"),
         ]
     )
-    assert code == 0
+    # a random tiny model cannot answer "Output (a)/(b)": no pair is judged, which is a failure (exit 1) after
+    # the results are written and shown
+    assert code == 1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_pairs"] == 2 and summary["requests"]["total"] == 4  # both orders
-    # a random tiny model cannot answer "Output (a)/(b)": nothing may count as a win
     assert summary["counts"].get("win", 0) == 0
-    assert "win_rate" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "win_rate" in captured.out and "could not judge any of the 2 pairs" in captured.err

@@ -30,7 +30,7 @@ from conftest import tiny_llama, tiny_tokenizer
 # TODO(lead): once recipe.py maps `--resume-from-checkpoint last` through noisyft.checkpoints.resolve_resume,
 # set this to True: the chain then resumes with "last" (as a user would) instead of the folder that
 # last_complete_checkpoint picks here. With transformers' own choice, "last" picks a partial checkpoint.
-RESUME_WITH_LAST = False
+RESUME_WITH_LAST = True
 
 SEEDS = (11, 12, 13)  # one per kill point, in the order of KILLS
 KILLS = ("step", "checkpoint save", "final save")

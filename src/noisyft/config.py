@@ -134,7 +134,13 @@ class TrainConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "recompute activations to save memory"}
     )
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 mixed precision"})
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bfloat16 mixed precision (weights and optimizer stay fp32); none = auto: on where bf16 "
+            "matrix products are native (CUDA with bf16, CPUs with AMX), off elsewhere"
+        },
+    )
     lora: bool = field(default=False, metadata={"help": "train LoRA adapters (PEFT) instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})

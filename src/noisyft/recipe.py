@@ -95,7 +95,9 @@ def _sft_config(cfg: TrainConfig, out: Path):
         "save_steps": cfg.save_steps or 500,
         "eval_strategy": "no",
         "report_to": "none",  # TensorBoard is wired explicitly below, into <output_dir>/tensorboard
-        "bf16": cfg.bf16,
+        "bf16": _use_bf16(cfg),
+        # no accelerator: say so, or transformers refuses bf16 and torchrun forms no CPU process group
+        "use_cpu": not torch.cuda.is_available(),
         "activation_checkpointing": cfg.gradient_checkpointing,
         "dataloader_num_workers": 0,
         "dataloader_pin_memory": torch.cuda.is_available(),
@@ -212,12 +214,38 @@ def _metrics(
             "data": reports,
             "log_history": trainer.state.log_history,
             "device": str(trainer.args.device),
+            "precision": "bf16 mixed"
+            if trainer.args.bf16
+            else ("fp16 mixed" if trainer.args.fp16 else "fp32"),
             "world_size": trainer.args.world_size,
             "wall_time_s": round(time.time() - started, 2),
             "versions": versions(),
         }
     )
     return metrics
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> str | None:
+    """The checkpoint to resume from: ``last`` is the last *complete* one (a partial one is skipped, logged)."""
+    from .checkpoints import resolve_resume
+
+    try:
+        return resolve_resume(out, cfg.resume_from_checkpoint)
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+
+
+def _use_bf16(cfg: TrainConfig) -> bool:
+    """``bf16: null`` (auto): bf16 mixed precision where the hardware does bf16 matrix products natively (a CUDA
+    GPU with bf16, or a CPU with AMX), fp32 elsewhere. Weights and optimizer state stay fp32 either way."""
+    import torch
+
+    if cfg.bf16 is not None:
+        return cfg.bf16
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(amx and amx())
 
 
 def _build_trainer(**kwargs):
@@ -249,6 +277,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             {"versions": versions(), "started": datetime.now().isoformat(timespec="seconds")},
         )
     args = _sft_config(cfg, out)  # bad training arguments fail before anything heavy loads
+    resume = _resume_point(cfg, out)
     model, tokenizer = _load_model(cfg)
     train_ds, eval_ds, reports = _load_data(cfg, tokenizer, out)
     if is_main:
@@ -266,9 +295,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         fisher_diagnostic_steps=cfg.fisher_diagnostic_steps,
         **cfg.method_configs(),
     )
-    resume = cfg.resume_from_checkpoint
     try:
-        train_output = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
+        train_output = trainer.train(resume_from_checkpoint=resume)
     except (FisherSetupError, MethodSetupError) as exc:
         raise TrainError(str(exc)) from exc
 

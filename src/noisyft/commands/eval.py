@@ -88,21 +88,30 @@ def _report(cfg: ReportConfig) -> int:
 
 
 def _judge(cfg: JudgeRunConfig) -> int:
-    from noisyft.eval.judge import judge_answer_files
+    from noisyft.eval.judge import JudgeNoResultError, judge_answer_files
 
     judge_model = None
     if cfg.judge.backend == "hf":
         from noisyft.models import load_model_and_tokenizer
 
         judge_model = load_model_and_tokenizer(cfg.judge.model)
-    summary = judge_answer_files(
-        cfg.answers_a,
-        cfg.answers_b,
-        cfg.judge,
-        cache_dir=cfg.cache_dir,
-        output_dir=cfg.output_dir,
-        judge_model=judge_model,
-    )
+    try:
+        summary = judge_answer_files(
+            cfg.answers_a,
+            cfg.answers_b,
+            cfg.judge,
+            cache_dir=cfg.cache_dir,
+            output_dir=cfg.output_dir,
+            judge_model=judge_model,
+        )
+    except JudgeNoResultError as exc:  # the results files are written; show them, then fail
+        _print_judge(exc.summary)
+        return _cli.fail("eval judge", exc)
+    _print_judge(summary)
+    return 0
+
+
+def _print_judge(summary: dict) -> None:
     for key in ("win_rate", "win_rate_ties_half"):
         r = summary[key]
         value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
@@ -113,7 +122,6 @@ def _judge(cfg: JudgeRunConfig) -> int:
     )
     req = summary["requests"]
     print(f"requests: {req['sent']} sent, {req['cache_hits']} from cache, {req['retries']} retries")
-    return 0
 
 
 def _lm_eval(cfg: LMEvalConfig) -> int:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from noisyft.regularizers.neftune import unwrap_model
+from noisyft._torch import unwrap_model
 
 logger = logging.getLogger(__name__)
 

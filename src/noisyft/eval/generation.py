@@ -229,7 +229,9 @@ def generate_responses(
     from tqdm.auto import tqdm
 
     settings = settings or GenerationSettings()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    from noisyft.models import pad_token_id
+
+    pad_id = pad_token_id(tokenizer)
     if pad_id is None:
         raise ValueError(
             "the tokenizer has neither a pad token nor an eos token, so prompts cannot be batched (padded) and "

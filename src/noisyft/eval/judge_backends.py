@@ -305,7 +305,9 @@ class HFJudgeBackend:
         device = next(self.model.parameters()).device
         input_ids = enc["input_ids"].to(device)  # (1, T)
         attention_mask = enc["attention_mask"].to(device)  # (1, T)
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        from noisyft.models import pad_token_id
+
+        pad_id = pad_token_id(tok)
         with self._lock, torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids,

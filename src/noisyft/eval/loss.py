@@ -232,8 +232,11 @@ def loss_report(
         raise ValueError("loss_report needs at least one data set ({name: source})")
     if max_examples is not None and max_examples < 1:
         raise ValueError(f"max_examples must be >= 1 or None, got {max_examples}")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
+    from noisyft.config import skip_bad_records_default
+    from noisyft.models import pad_token_id
+
+    pad_id = pad_token_id(tokenizer)
+    if pad_id is None:
         raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad batches with")
     results: dict[str, dict[str, Any]] = {}
     for name, source in sets.items():
@@ -246,9 +249,7 @@ def loss_report(
                 limit=max_examples,
             )
         else:
-            skip = skip_bad_records
-            if skip is None:
-                skip = isinstance(source, str) and (source == "sharegpt" or source.startswith("sharegpt:"))
+            skip = skip_bad_records if skip_bad_records is not None else skip_bad_records_default(source)
             dataset, report = build_sft_dataset(
                 source,
                 tokenizer,
@@ -257,7 +258,7 @@ def loss_report(
                 skip_bad_records=skip,
                 limit=max_examples,
             )
-        result = noise_free_loss(model, dataset, batch_size=batch_size, pad_token_id=pad_token_id)
+        result = noise_free_loss(model, dataset, batch_size=batch_size, pad_token_id=pad_id)
         logger.info(
             "noise-free loss on %s (%s): %.4f per token over %d tokens of %d examples (ppl %.2f)",
             name,
