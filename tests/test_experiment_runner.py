@@ -35,7 +35,7 @@ def write_spec(path: Path, **over) -> Path:
         "variants": {"plain": {"method": "none"}, "neftune": {"method": "neftune", "neftune": {"alpha": 5}}},
     }
     spec.update(over)
-    path.write_text(yaml.safe_dump(spec))
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
 
 

@@ -135,7 +135,7 @@ def _is_list_type(typ: Any) -> bool:
 def _label(path: str, value: Any, short: bool) -> str:
     name = path.rsplit(".", 1)[-1] if short else path.replace(".", "_")
     text = f"{value:g}" if isinstance(value, float) else str(value)
-    return re.sub(r"[^A-Za-z0-9._]+", "_", f"{name}{text}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}{text}")
 
 
 def _expand(group: str, settings: dict[str, Any], where: str, leaves: dict[str, Any], sections: set[str]):
