@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_neftune import PeakRSS, load_model  # noqa: E402
 
-from noisyft.regularizers.fisher import differentiable_attention, fisher_penalty  # noqa: E402
+from noisyft.methods.fisher.penalty import differentiable_attention, fisher_penalty  # noqa: E402
 
 VARIANTS = ("plain", "plain-math", "token-F", "logit-F", "token-F-2fw", "token-F-p25")
 COEF = 1e-3  # any positive value: cost does not depend on it

@@ -137,7 +137,8 @@ def main(argv=None) -> int:
 
     from transformers.integrations.neftune import activate_neftune, deactivate_neftune
 
-    from noisyft.regularizers.neftune import NEFTuneConfig, NEFTuneHook
+    from noisyft.methods.neftune.config import NEFTuneConfig
+    from noisyft.methods.neftune.noise import NEFTuneHook
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,7 +14,7 @@ def main(out_dir: str) -> None:
     from trl import SFTConfig
 
     from noisyft import NEFTuneConfig, NoisySFTTrainer, NoisyTuneConfig
-    from noisyft.regularizers import neftune as neftune_module
+    from noisyft.methods.neftune import noise as neftune_module
 
     from conftest import tiny_llama, tiny_tokenizer
     from test_trainer import _dataset

@@ -124,7 +124,7 @@ def test_eval_judge_cli_with_a_local_judge(tiny_eval_inputs, tmp_path, capsys):
             str(b),
             "--judge-model",
             str(model_dir),
-            "--backend",
+            "--judge.backend",
             "hf",
             "--output-dir",
             str(out),

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from noisyft.eval.loss import gsm8k_sft_dataset, loss_report, noise_free_loss
-from noisyft.regularizers.neftune import NEFTuneConfig, NEFTuneHook
+from noisyft.methods.neftune.config import NEFTuneConfig
+from noisyft.methods.neftune.noise import NEFTuneHook
 
 from conftest import tiny_llama, tiny_tokenizer
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisyft.regularizers.fisher import (
+from noisyft.methods.fisher.penalty import (
     FisherConfig,
     differentiable_attention,
     fisher_penalty,
@@ -123,7 +123,7 @@ def test_one_backward_with_many_samples_matches_average_of_single_samples():
 
 
 def test_sampler_draws_from_the_model_distribution():
-    from noisyft.regularizers.fisher import _draw_labels
+    from noisyft.methods.fisher.penalty import _draw_labels
 
     p = torch.tensor([[0.5, 0.0, 0.2, 0.3], [0.0, 0.0, 0.0, 1.0]])
     y = _draw_labels(p.log(), 40000, "model", torch.Generator().manual_seed(0))  # (2, 40000)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisyft.regularizers.fisher import FisherConfig, fisher_penalty
-from noisyft.regularizers.neftune import NEFTuneConfig
+from noisyft.methods.fisher.config import FisherConfig
+from noisyft.methods.fisher.penalty import fisher_penalty
+from noisyft.methods.neftune.config import NEFTuneConfig
 
 from conftest import tiny_llama, tiny_tokenizer
 from test_trainer import _args, _dataset, _params, _train
@@ -37,7 +38,7 @@ def test_trainer_loss_and_gradient_equal_ce_plus_coef_times_penalty(tmp_path, ki
     from trl import SFTTrainer
 
     from noisyft import NoisySFTTrainer
-    from noisyft.regularizers.neftune import rank_seed
+    from noisyft._torch import rank_seed
 
     coef = 0.3
     trainer = NoisySFTTrainer(

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from noisyft.regularizers.neftune import (
+from noisyft.methods.neftune.noise import (
     NEFTuneConfig,
     NEFTuneHook,
     neftune_noise,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from noisyft.regularizers.noisytune import (
+from noisyft.methods.noisytune.perturb import (
     SKIP_SINGLE,
     SKIP_ZERO_STD,
     NoisyTuneConfig,
@@ -270,7 +270,7 @@ def test_tied_embeddings_are_perturbed_once():
 
 def test_logs_a_summary_and_summarizes(caplog):
     model = tiny_llama()
-    with caplog.at_level(logging.INFO, logger="noisyft.regularizers.noisytune"):
+    with caplog.at_level(logging.INFO, logger="noisyft.methods.noisytune.perturb"):
         records = noisytune_(model, lam=LAM, generator=gen())
     assert "perturbed 16 tensors" in caplog.text and "skipped 5" in caplog.text
     summary = summarize_records(records)

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from noisyft.regularizers.neftune import NEFTuneConfig
-from noisyft.regularizers.noisytune import NoisyTuneConfig
+from noisyft.methods.neftune.config import NEFTuneConfig
+from noisyft.methods.noisytune.config import NoisyTuneConfig
 
 from conftest import tiny_llama, tiny_tokenizer
 
@@ -164,7 +164,7 @@ def test_resume_continues_the_same_noise_stream(tmp_path):
 def test_packed_padding_free_batches_get_per_document_noise(tmp_path):
     seen = []
 
-    from noisyft.regularizers import neftune as neftune_module
+    from noisyft.methods.neftune import noise as neftune_module
 
     original = neftune_module.neftune_noise
 
@@ -209,7 +209,7 @@ def test_same_seed_same_run_different_seed_different_noise(tmp_path):
 
 
 def test_padded_batches_in_trl_get_zero_noise_on_padding_and_labels_reach_the_hook(tmp_path):
-    from noisyft.regularizers import neftune as neftune_module
+    from noisyft.methods.neftune import noise as neftune_module
 
     seen = []
     original = neftune_module.neftune_noise

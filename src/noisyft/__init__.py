@@ -1,6 +1,6 @@
 """noisyft: noise-regularized instruction fine-tuning on the Hugging Face stack.
 
-The regularizers are importable at once (pure torch); the trainer and data helpers load transformers / TRL on
+The methods are importable at once (pure torch); the trainer and data helpers load transformers / TRL on
 first use, so ``import noisyft`` stays cheap.
 """
 
@@ -12,14 +12,16 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "NEFTuneConfig": "noisyft.regularizers.neftune",
-    "NEFTuneHook": "noisyft.regularizers.neftune",
-    "neftune_noise": "noisyft.regularizers.neftune",
-    "NoisyTuneConfig": "noisyft.regularizers.noisytune",
-    "noisytune_": "noisyft.regularizers.noisytune",
-    "FisherConfig": "noisyft.regularizers.fisher",
-    "fisher_penalty": "noisyft.regularizers.fisher",
+    "NEFTuneConfig": "noisyft.methods.neftune.config",
+    "NEFTuneHook": "noisyft.methods.neftune.noise",
+    "neftune_noise": "noisyft.methods.neftune.noise",
+    "NoisyTuneConfig": "noisyft.methods.noisytune.config",
+    "noisytune_": "noisyft.methods.noisytune.perturb",
+    "FisherConfig": "noisyft.methods.fisher.config",
+    "fisher_penalty": "noisyft.methods.fisher.penalty",
     "NoisySFTTrainer": "noisyft.trainer",
+    "NoisyTrainerMixin": "noisyft.trainer",
+    "TrainConfig": "noisyft.config",
     "build_sft_dataset": "noisyft.data",
     "load_model_and_tokenizer": "noisyft.models",
 }

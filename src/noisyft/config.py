@@ -1,18 +1,24 @@
-"""`noisyft train` settings: one dataclass, YAML for defaults, flags override, unknown keys are an error.
+"""`noisyft train` settings: one dataclass; the settings layer (``noisyft.settings``) makes flags and YAML of it.
 
 This module imports nothing heavy, so ``noisyft --help`` is instant.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("none", "neftune", "noisytune", "noisytune+neftune", "fisher", "noisytune+fisher")
+from ._checks import check_choice, check_int, check_number
+from .methods import REGISTRY, method_name, parse_method
+from .methods.fisher.config import FisherConfig
+from .methods.neftune.config import NEFTuneConfig
+from .methods.noisytune.config import NoisyTuneConfig
+
 EMBEDDED_DATA = "sharegpt"
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
+TEMPLATES = ("auto", "alpaca", "vicuna", "chat")
+PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
 
 
 @dataclass
@@ -88,60 +94,16 @@ class TrainConfig:
     # -- method -------------------------------------------------------------------------------------------------
     method: str = field(
         default="neftune",
-        metadata={"help": "none, neftune, noisytune, noisytune+neftune, fisher or noisytune+fisher"},
-    )
-    neftune_alpha: float = field(default=5.0, metadata={"help": "NEFTune alpha (paper: 5, 10, 15)"})
-    neftune_scale: str = field(
-        default="sequence",
         metadata={
-            "help": "sequence: L = each sequence's real length, no noise on padding (paper's code); padded: "
-            "L = row width, as transformers' neftune_noise_alpha"
+            "help": "'none' or methods joined with '+': " + ", ".join(REGISTRY) + " (e.g. noisytune+neftune)"
         },
     )
-    neftune_distribution: str = field(default="uniform", metadata={"help": "uniform (paper) or gaussian"})
-    neftune_response_only: bool = field(default=False, metadata={"help": "noise response tokens only"})
-    neftune_global_rng: bool = field(
-        default=False,
-        metadata={
-            "help": "draw from torch's global RNG as transformers does (with --neftune-scale padded: "
-            "bit-identical to a neftune_noise_alpha run); default: a dedicated per-rank stream"
-        },
+    # One section per registered method (noisyft.methods.REGISTRY); set when `method` uses it, else None.
+    noisytune: NoisyTuneConfig | None = field(
+        default=None, metadata={"help": REGISTRY["noisytune"].lifecycle}
     )
-    noisytune_lambda: float = field(default=0.15, metadata={"help": "NoisyTune lambda (paper: 0.15)"})
-    noisytune_distribution: str = field(default="uniform", metadata={"help": "uniform (paper) or gaussian"})
-    noisytune_mode: str = field(default="matrix", metadata={"help": "matrix (per-tensor std) or global"})
-    noisytune_include: str | None = field(
-        default=None, metadata={"help": "regex: perturb only matching params"}
-    )
-    noisytune_exclude: str | None = field(
-        default=None, metadata={"help": "regex: leave matching params alone"}
-    )
-    fisher_kind: str = field(
-        default="token",
-        metadata={"help": "token (token-F) or logit (logit-F: same value, cheaper gradient)"},
-    )
-    fisher_coef: float = field(
-        default=2e-6,
-        metadata={
-            "help": "penalty coefficient after warm-up; R is a mean over predicted tokens (study: token-F 2e-6, "
-            "logit-F 1e-6 on Llama-3.1-8B)"
-        },
-    )
-    fisher_warmup_steps: int = field(
-        default=0,
-        metadata={"help": "linear warm-up of the coefficient from 0 (study: 600 token-F, 800 logit-F)"},
-    )
-    fisher_num_samples: int = field(default=1, metadata={"help": "sampled label sets y' per step (study: 1)"})
-    fisher_sampling: str = field(
-        default="model", metadata={"help": "model (y' ~ p, the study) or uniform (its ablation)"}
-    )
-    fisher_probability: float = field(
-        default=1.0,
-        metadata={
-            "help": "apply the penalty to this random fraction of micro-batches, scaled by 1/probability "
-            "(unbiased, cheaper on average)"
-        },
-    )
+    neftune: NEFTuneConfig | None = field(default=None, metadata={"help": REGISTRY["neftune"].lifecycle})
+    fisher: FisherConfig | None = field(default=None, metadata={"help": REGISTRY["fisher"].lifecycle})
     fisher_diagnostic_steps: int | None = field(
         default=None,
         metadata={
@@ -169,7 +131,12 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA targets (comma list)"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["all-linear"],
+        metadata={
+            "help": "LoRA target module names, or all-linear (list; comma-separated on the command line)"
+        },
+    )
 
     # -- outputs ------------------------------------------------------------------------------------------------
     output_dir: str | None = field(
@@ -188,55 +155,70 @@ class TrainConfig:
     sft_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "extra trl.SFTConfig arguments as KEY=VALUE (repeatable); unknown keys are an error"
+            "help": "extra trl.SFTConfig arguments as KEY=VALUE (repeatable); unknown keys are an error",
+            "flag": "sft_arg",
         },
     )
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {', '.join(METHODS)}; got {self.method!r}")
+        names = parse_method(self.method)
+        self.method = method_name(names)
+        for name, spec in REGISTRY.items():
+            section = getattr(self, name)
+            if name in names and section is None:
+                setattr(self, name, spec.config_class()())
+            elif name in names and isinstance(section, dict):
+                setattr(self, name, spec.config_class()(**section))
+            elif name not in names and section is not None:
+                raise ValueError(
+                    f"{name} settings are given but method is {self.method!r}: add it to the method "
+                    f"(--method {method_name((*names, name))}) or remove the {name} settings"
+                )
         for name in (
             "max_length",
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
             "logging_steps",
+            "lora_r",
+            "lora_alpha",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_examples", "eval_max_examples", "save_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.neftune_alpha < 0:
-            raise ValueError(f"neftune_alpha must be >= 0, got {self.neftune_alpha}")
-        if self.fisher_kind not in ("token", "logit"):
-            raise ValueError(f"fisher_kind must be token or logit, got {self.fisher_kind!r}")
-        if self.fisher_sampling not in ("model", "uniform"):
-            raise ValueError(f"fisher_sampling must be model or uniform, got {self.fisher_sampling!r}")
-        if self.fisher_coef < 0 or self.fisher_warmup_steps < 0 or self.fisher_num_samples < 1:
-            raise ValueError("fisher_coef and fisher_warmup_steps must be >= 0, fisher_num_samples >= 1")
-        if not 0 < self.fisher_probability <= 1:
-            raise ValueError(f"fisher_probability must be in (0, 1], got {self.fisher_probability}")
-        if self.fisher_diagnostic_steps is not None and self.fisher_diagnostic_steps < 1:
-            raise ValueError(
-                f"fisher_diagnostic_steps must be >= 1 or None, got {self.fisher_diagnostic_steps}"
-            )
-        if self.noisytune_lambda < 0:
-            raise ValueError(f"noisytune_lambda must be >= 0, got {self.noisytune_lambda}")
+            check_int(name, getattr(self, name), low=1)
+        for name in ("max_examples", "eval_max_examples", "save_steps", "fisher_diagnostic_steps"):
+            check_int(name, getattr(self, name), low=1, optional=True)
+        check_int("max_steps", self.max_steps, low=-1)
+        check_int("seed", self.seed, low=0)
+        check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
+        check_number("learning_rate", self.learning_rate, low=0)
+        check_number("warmup_steps", self.warmup_steps, low=0)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("lora_dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("data_format", self.data_format, DATA_FORMATS)
+        check_choice("template", self.template, TEMPLATES)
+        check_choice("packing_strategy", self.packing_strategy, PACKING_STRATEGIES)
         if not isinstance(self.sft_args, dict):
             raise ValueError(f"sft_args must be a mapping, got {type(self.sft_args).__name__}")
 
     @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods in use, in order of application."""
+        return parse_method(self.method)
+
+    def method_configs(self) -> dict[str, Any]:
+        """``{name: config}`` of the methods in use (the trainer's keyword arguments)."""
+        return {name: getattr(self, name) for name in self.methods}
+
+    @property
     def uses_neftune(self) -> bool:
-        return "neftune" in self.method
+        return "neftune" in self.methods
 
     @property
     def uses_noisytune(self) -> bool:
-        return "noisytune" in self.method
+        return "noisytune" in self.methods
 
     @property
     def uses_fisher(self) -> bool:
-        return "fisher" in self.method
+        return "fisher" in self.methods
 
     def resolved_eval_data(self) -> str | None:
         if self.eval_data in (None, "none", ""):
@@ -247,49 +229,51 @@ class TrainConfig:
 
     def resolved_skip_bad_records(self) -> bool:
         if self.skip_bad_records is None:
-            return self.data == EMBEDDED_DATA
+            return skip_bad_records_default(self.data)
         return self.skip_bad_records
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        from .settings import to_dict
+
+        return to_dict(self)
 
 
-def config_fields(cls: type = TrainConfig) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
+def skip_bad_records_default(source: str | None) -> bool:
+    """Bad records are skipped (and reported) by default only in the embedded ShareGPT data, whose upstream file
+    has known defects; anywhere else they stop the run unless ``skip_bad_records`` says otherwise."""
+    return str(source or "").split(":")[0] == EMBEDDED_DATA
 
 
-def check_keys(keys, *, where: str, cls: type = TrainConfig, command: str = "train") -> None:
-    """Raise on keys that are not fields of ``cls``, suggesting the closest valid names."""
-    valid = config_fields(cls)
-    for key in keys:
-        if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=3)
-            hint = f" Did you mean {', '.join(close)}?" if close else ""
-            raise ValueError(
-                f"{where}: unknown key {key!r}.{hint} Valid keys are listed by `noisyft {command} --help`."
-            )
+def migrate_legacy(data: dict[str, Any], where: str) -> dict[str, Any]:
+    """Settings written before the method sections existed (flat ``neftune_alpha: 5``, a pre-0.2 run folder's
+    config.yaml) -> nested (``neftune: {alpha: 5}``). Flat keys of methods the run did not use are dropped (they
+    held defaults). Logged once per file."""
+    import dataclasses
+    import logging
 
-
-def load_yaml_config(
-    path: str | os.PathLike, *, cls: type = TrainConfig, command: str = "train"
-) -> dict[str, Any]:
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise ValueError(f"config file not found: {path}") from None
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ValueError(
-            f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}"
-        )
-    # keys starting with "_" are metadata (a run folder's config.yaml records `_versions`, `_started`), so a
-    # resolved config can be fed back with --config to repeat a run
-    data = {str(k).replace("-", "_"): v for k, v in data.items() if not str(k).startswith("_")}
-    check_keys(data, where=str(path), cls=cls, command=command)
-    return data
+    flat = [
+        k
+        for k in data
+        if "." not in k
+        and "_" in k
+        and k.split("_", 1)[0] in REGISTRY
+        and k not in {f.name for f in dataclasses.fields(TrainConfig)}
+    ]
+    if not flat:
+        return data
+    out = {k: v for k, v in data.items() if k not in flat}
+    used = set(parse_method(str(data.get("method", "neftune"))))
+    for key in flat:
+        name, rest = key.split("_", 1)
+        if name in used and not (isinstance(out.get(name), dict) and rest in out[name]):
+            out.setdefault(name, {})
+            if isinstance(out[name], dict):
+                out[name][rest] = data[key]
+    logging.getLogger(__name__).warning(
+        "%s: flat method settings (%s) are read as the nested form (e.g. neftune: {alpha: 5}); rewrite the file "
+        "with `noisyft train --config %s --print-config`",
+        where,
+        ", ".join(flat[:3]) + (", ..." if len(flat) > 3 else ""),
+        where,
+    )
+    return out

@@ -311,3 +311,8 @@ def load_model_and_tokenizer(
         time.perf_counter() - start,
     )
     return model, tokenizer
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id used to pad batches: the tokenizer's pad token, else its end-of-sequence token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -3,7 +3,8 @@
 Run folder layout (everything a later report needs, as files)::
 
     <output_dir>/
-      config.yaml            resolved settings + library versions (written first)
+      config.yaml            the resolved settings (`noisyft train --print-config`; feeds back with --config)
+      run.json               library versions and start time
       data_report.json       records read / skipped (and why) / truncated, per data set
       noisytune_report.json  per-tensor std and relative change (NoisyTune runs)
       tensorboard/           TensorBoard event files (loss, lr, neftune/noise_to_embed_norm, ...)
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ._io import atomic_dir, atomic_write_json, atomic_write_text
+from ._meta import versions
 from .config import TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -31,25 +33,13 @@ class TrainError(RuntimeError):
     """A run that cannot start or finish, with a message meant for the user (no stack trace needed)."""
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for pkg in ("noisyft", "torch", "transformers", "trl", "peft", "accelerate", "datasets"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def _prepare_output_dir(cfg: TrainConfig) -> Path:
     if cfg.output_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = os.path.join("outputs", f"{cfg.method.replace('+', '-')}-{stamp}")
     out = Path(cfg.output_dir)
     resuming = cfg.resume_from_checkpoint is not None
-    ours = {"config.yaml", "data_report.json", "noisytune_report.json", "tensorboard"}
+    ours = {"config.yaml", "run.json", "data_report.json", "noisytune_report.json", "tensorboard"}
     if out.exists() and not (cfg.overwrite_output_dir or resuming):
         present = {p.name for p in out.iterdir()}
         if present - ours:
@@ -78,7 +68,7 @@ def _sft_config(cfg: TrainConfig, out: Path):
     if "neftune_noise_alpha" in cfg.sft_args and cfg.uses_neftune:
         raise TrainError(
             "sft_args sets transformers' neftune_noise_alpha while --method uses noisyft's NEFTune: the noise would "
-            "be applied twice. Use --neftune-scale padded to reproduce transformers' scaling instead."
+            "be applied twice. Use --neftune.scale padded to reproduce transformers' scaling instead."
         )
     kwargs: dict[str, Any] = {
         "output_dir": str(out / "checkpoints"),
@@ -125,9 +115,7 @@ def _peft_config(cfg: TrainConfig):
     from peft import LoraConfig
 
     targets = cfg.lora_target_modules
-    target_modules = (
-        targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-    )
+    target_modules = "all-linear" if targets == ["all-linear"] else list(targets)
     return LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -139,7 +127,7 @@ def _peft_config(cfg: TrainConfig):
 
 def _save_final_model(trainer, tokenizer, model_dir: Path) -> None:
     """Write the trained model as a plain transformers folder, atomically (a killed run leaves no half model)."""
-    from .regularizers.neftune import unwrap_model
+    from ._torch import unwrap_model
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):  # PEFT: merge the adapters so from_pretrained loads a full model
@@ -150,118 +138,33 @@ def _save_final_model(trainer, tokenizer, model_dir: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    import yaml
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-
+def _load_data(cfg: TrainConfig, tokenizer, out: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """The training set and the held-out set (None when there is none), and their data reports."""
     from .data import BadRecordsError, build_sft_dataset
-    from .models import load_model_and_tokenizer
-    from .regularizers.fisher import FisherConfig, FisherSetupError
-    from .regularizers.neftune import NEFTuneConfig
-    from .regularizers.noisytune import NoisyTuneConfig
-    from .trainer import NoisySFTTrainer
 
-    started = time.time()
-    out = _prepare_output_dir(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        resolved = {
-            **cfg.to_dict(),
-            "_versions": _versions(),
-            "_started": datetime.now().isoformat(timespec="seconds"),
-        }
-        atomic_write_text(out / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-
-    # -- method configs first: bad settings fail before anything heavy loads
-    try:
-        neftune = (
-            NEFTuneConfig(
-                alpha=cfg.neftune_alpha,
-                distribution=cfg.neftune_distribution,
-                scale=cfg.neftune_scale,
-                response_only=cfg.neftune_response_only,
-                use_global_rng=cfg.neftune_global_rng,
-            )
-            if cfg.uses_neftune
-            else None
-        )
-        noisytune = (
-            NoisyTuneConfig(
-                lam=cfg.noisytune_lambda,
-                distribution=cfg.noisytune_distribution,
-                mode=cfg.noisytune_mode,
-                include=cfg.noisytune_include,
-                exclude=cfg.noisytune_exclude,
-            )
-            if cfg.uses_noisytune
-            else None
-        )
-        fisher = (
-            FisherConfig(
-                kind=cfg.fisher_kind,
-                coef=cfg.fisher_coef,
-                warmup_steps=cfg.fisher_warmup_steps,
-                num_samples=cfg.fisher_num_samples,
-                sampling=cfg.fisher_sampling,
-                probability=cfg.fisher_probability,
-            )
-            if cfg.uses_fisher
-            else None
-        )
-    except ValueError as exc:
-        raise TrainError(str(exc)) from exc
-    args = _sft_config(cfg, out)
-
-    # -- model and data
-    try:
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model,
-            dtype=cfg.dtype,
-            trust_remote_code=cfg.trust_remote_code,
-            attn_implementation=cfg.attn_implementation,
-        )
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"could not load model {cfg.model!r}: {exc}") from exc
-
-    skip_bad = cfg.resolved_skip_bad_records()
+    common = dict(
+        template=cfg.template,
+        format=cfg.data_format,
+        split="train",
+        max_length=cfg.max_length,
+        completion_only_loss=cfg.completion_only_loss,
+        skip_bad_records=cfg.resolved_skip_bad_records(),
+    )
     reports: dict[str, Any] = {}
+    eval_ds = None
     try:
-        train_ds, train_report = build_sft_dataset(
-            cfg.data,
-            tokenizer,
-            template=cfg.template,
-            format=cfg.data_format,
-            split="train",
-            max_length=cfg.max_length,
-            completion_only_loss=cfg.completion_only_loss,
-            skip_bad_records=skip_bad,
-            limit=cfg.max_examples,
-        )
-        reports["train"] = train_report.to_dict()
-        eval_ds = None
+        train_ds, report = build_sft_dataset(cfg.data, tokenizer, limit=cfg.max_examples, **common)
+        reports["train"] = report.to_dict()
         eval_source = cfg.resolved_eval_data()
         if eval_source is not None:
-            eval_ds, eval_report = build_sft_dataset(
-                eval_source,
-                tokenizer,
-                template=cfg.template,
-                format=cfg.data_format,
-                split="train",
-                max_length=cfg.max_length,
-                completion_only_loss=cfg.completion_only_loss,
-                skip_bad_records=skip_bad,
-                limit=cfg.eval_max_examples,
-            )
-            reports["eval"] = eval_report.to_dict()
+            eval_ds, report = build_sft_dataset(eval_source, tokenizer, limit=cfg.eval_max_examples, **common)
+            reports["eval"] = report.to_dict()
     except BadRecordsError as exc:
         raise TrainError(f"{exc}\n(pass --skip-bad-records to skip these records and report them)") from exc
     except (OSError, ValueError) as exc:
         raise TrainError(f"could not load data: {exc}") from exc
     if len(train_ds) == 0:
         raise TrainError(f"no training examples left in {cfg.data} (see {out / 'data_report.json'})")
-    if is_main:
-        atomic_write_json(out / "data_report.json", reports)
     for name, rep in reports.items():
         logger.info(
             "%s data: %d examples, %d tokens (%d with loss); %d bad records skipped %s; %d truncated to %d tokens; "
@@ -276,6 +179,70 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
             cfg.max_length,
             rep["n_no_response_after_truncation"],
         )
+    return train_ds, eval_ds, reports
+
+
+def _load_model(cfg: TrainConfig):
+    from .models import load_model_and_tokenizer
+
+    try:
+        return load_model_and_tokenizer(
+            cfg.model,
+            dtype=cfg.dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"could not load model {cfg.model!r}: {exc}") from exc
+
+
+def _metrics(
+    cfg: TrainConfig, trainer, train_output, started: float, reports: dict[str, Any]
+) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
+    if trainer.eval_dataset is not None:
+        # noise-free: evaluate() runs the model in eval mode under no_grad, and the hooks are detached by now
+        metrics["eval"] = trainer.evaluate()
+    methods = trainer.noisyft_summary()
+    metrics.update(
+        {
+            "method": cfg.method,
+            "methods": methods,
+            **{name: methods.get(name) for name in ("neftune", "noisytune", "fisher")},
+            "data": reports,
+            "log_history": trainer.state.log_history,
+            "device": str(trainer.args.device),
+            "world_size": trainer.args.world_size,
+            "wall_time_s": round(time.time() - started, 2),
+            "versions": versions(),
+        }
+    )
+    return metrics
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one run into ``cfg.output_dir`` (see the module docstring for the folder layout)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    from .methods.fisher.penalty import FisherSetupError
+    from .settings import to_yaml
+    from .trainer import NoisySFTTrainer
+
+    started = time.time()
+    out = _prepare_output_dir(cfg)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    if is_main:
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        atomic_write_json(
+            out / "run.json",
+            {"versions": versions(), "started": datetime.now().isoformat(timespec="seconds")},
+        )
+    args = _sft_config(cfg, out)  # bad training arguments fail before anything heavy loads
+    model, tokenizer = _load_model(cfg)
+    train_ds, eval_ds, reports = _load_data(cfg, tokenizer, out)
+    if is_main:
+        atomic_write_json(out / "data_report.json", reports)
 
     tb_dir = out / "tensorboard"
     trainer = NoisySFTTrainer(
@@ -286,10 +253,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         processing_class=tokenizer,
         peft_config=_peft_config(cfg),
         callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if is_main else None,
-        neftune=neftune,
-        noisytune=noisytune,
-        fisher=fisher,
         fisher_diagnostic_steps=cfg.fisher_diagnostic_steps,
+        **cfg.method_configs(),
     )
     resume = cfg.resume_from_checkpoint
     try:
@@ -297,44 +262,13 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     except FisherSetupError as exc:
         raise TrainError(str(exc)) from exc
 
-    metrics: dict[str, Any] = {"train": dict(train_output.metrics)}
-    if eval_ds is not None:
-        # noise-free: evaluate() runs the model in eval mode under no_grad, and the hook is detached by now
-        metrics["eval"] = trainer.evaluate()
+    metrics = _metrics(cfg, trainer, train_output, started, reports)
     model_dir = out / "model"
     if trainer.is_world_process_zero():
-        if trainer.noisytune_report is not None:
-            trainer.save_noisytune_report(str(out / "noisytune_report.json"))
+        noisytune = trainer.plugin("noisytune")
+        if noisytune is not None:
+            noisytune.save_report(str(out / "noisytune_report.json"))
         _save_final_model(trainer, tokenizer, model_dir)
-    history = trainer.state.log_history
-    noise_stats = [h["neftune/noise_to_embed_norm"] for h in history if "neftune/noise_to_embed_norm" in h]
-    metrics.update(
-        {
-            "method": cfg.method,
-            "neftune": None
-            if neftune is None
-            else {
-                **neftune.__dict__,
-                "mean_noise_to_embed_norm": (sum(noise_stats) / len(noise_stats) if noise_stats else None),
-            },
-            "fisher": None if fisher is None else dict(fisher.__dict__),
-            "noisytune": None
-            if noisytune is None
-            else {
-                **noisytune.__dict__,
-                "perturbed_tensors": sum(
-                    1 for r in trainer.noisytune_report or [] if not getattr(r, "skipped", None)
-                ),
-            },
-            "data": reports,
-            "log_history": history,
-            "device": str(trainer.args.device),
-            "world_size": trainer.args.world_size,
-            "wall_time_s": round(time.time() - started, 2),
-            "versions": _versions(),
-        }
-    )
-    if is_main:
         atomic_write_json(out / "metrics.json", metrics)
     summary = {
         "train_loss": round(metrics["train"].get("train_loss", float("nan")), 4),

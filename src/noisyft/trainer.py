@@ -1,15 +1,9 @@
-"""The thin integration layer: TRL's SFTTrainer with noisyft's regularizers wired in.
+"""The thin integration layer: noisyft's methods in a transformers ``Trainer`` (TRL's ``SFTTrainer`` first).
 
 Everything that is not about noise (packing, padding-free batches, completion-only loss, PEFT, DDP/FSDP through
-accelerate) is TRL's and transformers' own. This file only:
-
-* applies NoisyTune once, before the first step of a fresh run (not when resuming: the checkpoint already holds the
-  perturbed-then-trained weights);
-* attaches the NEFTune hook for the duration of ``train()`` and removes it afterwards;
-* adds the Fisher penalty (token-F / logit-F) to the loss, on the same forward pass TRL computes the loss with, and
-  optionally logs a no-gradient estimate of the same quantity every N steps during any run;
-* saves / restores the NEFTune noise stream with each checkpoint, one file per rank;
-* logs the methods' settings and a noise statistic next to the loss.
+accelerate) is TRL's and transformers' own. :class:`NoisyTrainerMixin` only calls each method's plug-in
+(``noisyft.methods.<name>.plugin``) at the right moments: before and after ``train()``, around the training loss,
+when logging, and when a checkpoint saves or restores the random streams (one file per rank and method).
 
 Moving an existing TRL script over takes three lines::
 
@@ -22,8 +16,7 @@ Moving an existing TRL script over takes three lines::
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import functools
 import logging
 import os
 from typing import Any
@@ -31,27 +24,135 @@ from typing import Any
 import torch
 from trl import SFTTrainer
 
-from ._io import atomic_write_json
-from .regularizers.fisher import (
-    FisherConfig,
-    capture_forward,
-    fisher_penalty,
-    fisher_penalty_from_logits,
-    logits_from_hidden,
-    next_token_targets,
-    predicted_positions,
-)
-from .regularizers.neftune import NEFTuneConfig, NEFTuneHook, rank_seed, unwrap_model
-from .regularizers.noisytune import NoisyTuneConfig
+from .methods import REGISTRY
+from .methods.base import MethodPlugin
+from .methods.fisher.plugin import FisherDiagnosticPlugin
 
 logger = logging.getLogger(__name__)
 
-NEFTUNE_STATE_FILE = "noisyft_neftune_rank{rank}.pt"
-FISHER_STATE_FILE = "noisyft_fisher_rank{rank}.pt"
+STATE_FILE = "noisyft_{name}_rank{rank}.pt"
 
 
-class NoisySFTTrainer(SFTTrainer):
-    """``trl.SFTTrainer`` plus NEFTune (train-time embedding noise) and NoisyTune (one-shot weight noise).
+def _config_for(name: str, value: Any) -> Any:
+    cls = REGISTRY[name].config_class()
+    if name == "neftune" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return cls(alpha=float(value))  # shorthand: neftune=5
+    if not isinstance(value, cls):
+        raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
+    return value
+
+
+class NoisyTrainerMixin:
+    """Attaches noisyft's methods to a ``transformers.Trainer`` subclass: ``class T(NoisyTrainerMixin, Trainer)``.
+
+    Every registered method is a keyword argument taking its config (``neftune=NEFTuneConfig(...)``,
+    ``noisytune=NoisyTuneConfig(...)``, ``fisher=FisherConfig(...)``, ...); ``fisher_diagnostic_steps=N`` logs a
+    noise-free Fisher-trace estimate every N steps in any run. Other arguments go to the trainer unchanged.
+    """
+
+    def __init__(self, *args, fisher_diagnostic_steps: int | None = None, **kwargs):
+        configs = {n: _config_for(n, kwargs.pop(n)) for n in REGISTRY if kwargs.get(n) is not None}
+        for n in REGISTRY:
+            kwargs.pop(n, None)
+        super().__init__(*args, **kwargs)
+        seed, rank = self.args.seed, self.args.process_index
+        self.noisyft_plugins: list[MethodPlugin] = [
+            REGISTRY[n].plugin_class()(cfg, seed=seed, rank=rank) for n, cfg in configs.items()
+        ]
+        if fisher_diagnostic_steps is not None:
+            self.noisyft_plugins.append(FisherDiagnosticPlugin(fisher_diagnostic_steps, seed=seed, rank=rank))
+        owners = [p for p in self.noisyft_plugins if "loss" in getattr(REGISTRY.get(p.name), "slots", ())]
+        self._noisyft_loss_owner = owners[0] if owners else None
+        for plugin in self.noisyft_plugins:
+            plugin.on_init(self)
+
+    def plugin(self, name: str) -> MethodPlugin | None:
+        """The attached plug-in of method ``name`` (``"neftune"``, ...), or None."""
+        return next((p for p in self.noisyft_plugins if p.name == name), None)
+
+    @property
+    def neftune_hook(self):
+        plugin = self.plugin("neftune")
+        return None if plugin is None else plugin.hook
+
+    @property
+    def noisytune_report(self):
+        plugin = self.plugin("noisytune")
+        return None if plugin is None else plugin.records
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        fresh = resume_from_checkpoint in (None, False)
+        attached: list[MethodPlugin] = []
+        try:
+            for plugin in self.noisyft_plugins:
+                plugin.before_train(self, self.model, fresh=fresh)
+                attached.append(plugin)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            for plugin in reversed(attached):
+                plugin.after_train(self, self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        default = functools.partial(super().compute_loss, model, inputs, return_outputs, num_items_in_batch)
+        if not model.training:
+            return default()
+        for plugin in self.noisyft_plugins:
+            plugin.on_batch(self, model, inputs)
+        if self._noisyft_loss_owner is None:
+            return default()
+        return self._noisyft_loss_owner.compute_loss(
+            self,
+            model,
+            inputs,
+            return_outputs=return_outputs,
+            num_items_in_batch=num_items_in_batch,
+            default=default,
+        )
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            for plugin in self.noisyft_plugins:
+                optimizer = plugin.create_optimizer(self, self.model)
+                if optimizer is not None:
+                    self.optimizer = optimizer
+                    return optimizer
+        return super().create_optimizer(*args, **kwargs)
+
+    # -- checkpoints: the random streams travel with the RNG states --------------------------------------------
+    def _state_path(self, folder: str, plugin: MethodPlugin) -> str:
+        return os.path.join(folder, STATE_FILE.format(name=plugin.name, rank=self.args.process_index))
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        for plugin in self.noisyft_plugins:
+            state = plugin.state_dict()
+            if state is not None:
+                torch.save(state, self._state_path(output_dir, plugin))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is None:
+            return
+        for plugin in self.noisyft_plugins:
+            path = self._state_path(checkpoint, plugin)
+            state = torch.load(path, weights_only=True) if os.path.isfile(path) else None
+            plugin.load_state_dict(state, checkpoint=checkpoint)
+
+    # -- logging -----------------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self.model.training and "loss" in logs:
+            for plugin in self.noisyft_plugins:
+                logs.update(plugin.log_entries(self))
+        super().log(logs, start_time)
+
+    def noisyft_summary(self) -> dict[str, Any]:
+        """Each attached method's settings and statistics, for a run's metrics.json."""
+        return {p.name: p.summary() for p in self.noisyft_plugins}
+
+
+class NoisySFTTrainer(NoisyTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` plus noisyft's methods.
 
     Args:
         neftune (`NEFTuneConfig` or `float`, *optional*): NEFTune settings; a float is shorthand for
@@ -66,286 +167,5 @@ class NoisySFTTrainer(SFTTrainer):
         fisher_diagnostic_steps (`int`, *optional*): every N optimizer steps, log ``fisher/trace_estimate``: a
             token-F estimate of Tr(F_X) on the current batch, noise-free (model in eval mode) and without
             gradient to the parameters, to watch curvature during any run (plain, NEFTune, Fisher).
-        *args, **kwargs: passed to ``trl.SFTTrainer`` unchanged.
+        *args, **kwargs: passed to ``trl.SFTTrainer`` unchanged; any other registered method by its name.
     """
-
-    def __init__(
-        self,
-        *args,
-        neftune: NEFTuneConfig | float | None = None,
-        noisytune: NoisyTuneConfig | None = None,
-        fisher: FisherConfig | None = None,
-        fisher_diagnostic_steps: int | None = None,
-        **kwargs,
-    ):
-        if isinstance(neftune, (int, float)) and not isinstance(neftune, bool):
-            neftune = NEFTuneConfig(alpha=float(neftune))
-        if neftune is not None and not isinstance(neftune, NEFTuneConfig):
-            raise TypeError(f"neftune must be a NEFTuneConfig or a float, got {type(neftune).__name__}")
-        if noisytune is not None and not isinstance(noisytune, NoisyTuneConfig):
-            raise TypeError(f"noisytune must be a NoisyTuneConfig, got {type(noisytune).__name__}")
-        if fisher is not None and not isinstance(fisher, FisherConfig):
-            raise TypeError(f"fisher must be a FisherConfig, got {type(fisher).__name__}")
-        if fisher_diagnostic_steps is not None and fisher_diagnostic_steps < 1:
-            raise ValueError(f"fisher_diagnostic_steps must be >= 1, got {fisher_diagnostic_steps}")
-        super().__init__(*args, **kwargs)
-        if neftune is not None and self.args.neftune_noise_alpha is not None:
-            raise ValueError(
-                f"Both noisyft NEFTune (alpha={neftune.alpha}) and transformers' neftune_noise_alpha="
-                f"{self.args.neftune_noise_alpha} are set: the noise would be applied twice. Remove "
-                "`neftune_noise_alpha` from the training arguments (noisyft's scale='padded' reproduces it)."
-            )
-        self.neftune_config = neftune
-        self.noisytune_config = noisytune
-        self.noisytune_report: list[Any] | None = None
-        self.neftune_hook: NEFTuneHook | None = None
-        if neftune is not None:
-            self.neftune_hook = NEFTuneHook(neftune, seed=self.args.seed, rank=self.args.process_index)
-        self.fisher_config = fisher
-        self.fisher_diagnostic_steps = fisher_diagnostic_steps
-        seed = fisher.seed if fisher is not None and fisher.seed is not None else self.args.seed
-        # y' sampling: one stream per rank. Gate (``probability``): one stream shared by all ranks.
-        self._fisher_seeds = (rank_seed(seed, self.args.process_index) ^ 0x5F15, seed)
-        self._fisher_generators: dict[str, torch.Generator] = {}
-        self._fisher_pending_state: dict[str, torch.Tensor] | None = None
-        self._fisher_logs = {"ce_loss": 0.0, "penalty": 0.0, "applied": 0.0, "steps": 0.0}
-        self._fisher_diag: list[float] = []
-        self._fisher_diag_step = -1
-        self._fisher_share_head: bool | None = None
-
-    # -- lifecycle ---------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        fresh = resume_from_checkpoint in (None, False)
-        if self.noisytune_config is not None and fresh and self.noisytune_report is None:
-            self._apply_noisytune()
-        if self.neftune_hook is not None:
-            self.neftune_hook.attach(self.model)
-        try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
-        finally:
-            if self.neftune_hook is not None:
-                self.neftune_hook.detach()
-
-    def _apply_noisytune(self) -> None:
-        cfg = self.noisytune_config
-        seed = cfg.seed if cfg.seed is not None else self.args.seed
-        # Same seed on every rank: all replicas must start from the same perturbed weights.
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.noisytune_report = cfg.apply(self.model, generator=generator)
-        if self.is_world_process_zero():
-            self.save_noisytune_report(os.path.join(self.args.output_dir, "noisytune_report.json"))
-
-    def save_noisytune_report(self, path: str) -> None:
-        """Per-tensor NoisyTune report (name, numel, std, relative change, skip reason) as JSON."""
-        atomic_write_json(path, [dataclasses.asdict(r) for r in self.noisytune_report or []])
-
-    # -- Fisher penalty ----------------------------------------------------------------------------------------
-    def _fisher_generator(self, name: str, device: torch.device) -> torch.Generator:
-        gen = self._fisher_generators.get(name)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self._fisher_seeds[0] if name == "sample" else self._fisher_seeds[1])
-            if self._fisher_pending_state is not None and name in self._fisher_pending_state:
-                gen.set_state(self._fisher_pending_state.pop(name))
-            self._fisher_generators[name] = gen
-        return gen
-
-    def _step_share(self, value, num_items_in_batch):
-        # With num_items_in_batch, each micro-batch's loss is already a share of the step's mean; without, the
-        # Trainer divides each micro-batch's mean by the accumulation steps. Values stay tensors (no host sync
-        # in the step); they are read at logging time.
-        return value if num_items_in_batch is not None else value / self.args.gradient_accumulation_steps
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        cfg = self.fisher_config
-        coef = 0.0
-        if cfg is not None and model.training:
-            coef = cfg.coefficient(self.state.global_step)
-            if coef > 0 and cfg.probability < 1:
-                gate = self._fisher_generator("gate", torch.device("cpu"))
-                coef = coef / cfg.probability if torch.rand((), generator=gate) < cfg.probability else 0.0
-        if coef == 0.0:  # exactly TRL's step: no capture, no kernel switch
-            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            if cfg is not None and model.training:
-                loss = out[0] if return_outputs else out
-                self._fisher_logs["ce_loss"] += self._step_share(loss.detach(), num_items_in_batch)
-            self._maybe_fisher_diagnostic(model, inputs)
-            return out
-
-        input_ids = inputs["input_ids"]
-        labels = inputs.get("labels")
-        shared = not return_outputs and self._fisher_can_share_head(model)
-        if shared:
-            # One forward, one LM-head product: the backbone's hidden states (captured) give the logits of the
-            # predicted positions, which feed both the cross-entropy and the penalty. ``logits_to_keep=1`` keeps
-            # the model's own head to a single position; the call still goes through every wrapper (DDP, PEFT).
-            forward = {k: v for k, v in inputs.items() if k != "labels"}
-            with capture_forward(model) as cap:
-                model(**forward, use_cache=False, logits_to_keep=1)
-        else:  # TRL computes the loss (its fused head); the penalty computes its own logits
-            with capture_forward(model) as cap:
-                out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if cap.embeds is None or cap.hidden is None:
-            raise RuntimeError(
-                "The Fisher penalty saw no input-embedding / backbone forward in this step (was the model called "
-                "with inputs_embeds?); it needs input_ids."
-            )
-        predicted = predicted_positions(
-            tuple(input_ids.shape),
-            labels=labels,
-            attention_mask=inputs.get("attention_mask"),
-            position_ids=inputs.get("position_ids"),
-            device=cap.embeds.device,
-        )
-        normalizer = predicted.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-        scale = 1.0
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-            scale = float(self.accelerator.num_processes)  # as TRL scales the loss: DDP averages gradients
-        base = unwrap_model(model)
-        logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
-        targets = next_token_targets(input_ids, predicted, labels) if shared else None  # (N,)
-        result = fisher_penalty_from_logits(
-            cap.embeds,
-            logits,
-            token_mask=inputs.get("attention_mask"),
-            kind=cfg.kind,
-            num_samples=cfg.num_samples,
-            sampling=cfg.sampling,
-            generator=self._fisher_generator("sample", cap.embeds.device),
-            normalizer=normalizer,
-            targets=targets,
-        )
-        if shared:  # the cross-entropy from the same log-softmax, normalized as TRL's loss
-            penalty, nll_sum = result
-            loss = nll_sum / normalizer * scale
-            self._fisher_trl_metrics(logits.detach(), targets, inputs)
-        else:
-            penalty = result
-            loss = out[0] if return_outputs else out
-        total = loss + (coef * scale) * penalty.to(loss.dtype)
-        logs = self._fisher_logs
-        logs["ce_loss"] += self._step_share(loss.detach(), num_items_in_batch)
-        logs["penalty"] += self._step_share(penalty.detach() * scale, num_items_in_batch)
-        logs["applied"] += self._step_share(1.0, num_items_in_batch)
-        return (total, out[1]) if return_outputs else total
-
-    def _fisher_can_share_head(self, model) -> bool:
-        """Our cross-entropy replaces TRL's only for TRL's plain token-mean NLL on a model taking logits_to_keep.
-        Decided once per trainer (the settings and the model class do not change during training)."""
-        if self._fisher_share_head is None:
-            self._fisher_share_head = self._fisher_head_is_shareable(model)
-        return self._fisher_share_head
-
-    def _fisher_head_is_shareable(self, model) -> bool:
-        if (
-            self.compute_loss_func is not None
-            or self.label_smoother is not None
-            or getattr(self.args, "loss_type", "nll") != "nll"
-            or getattr(self, "aux_loss_enabled", False)
-        ):
-            return False
-        try:
-            params = inspect.signature(unwrap_model(model).forward).parameters
-        except (TypeError, ValueError):
-            return False
-        return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-    def _fisher_trl_metrics(self, logits: torch.Tensor, targets: torch.Tensor, inputs) -> None:
-        """The per-step metrics TRL logs (entropy, token accuracy, token count), from our logits."""
-        metrics = getattr(self, "_metrics", None)
-        if metrics is None:
-            return
-        with torch.no_grad():
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-            n = self.accelerator.gather_for_metrics(torch.tensor(len(targets), device=logits.device)).sum()
-            ent = self.accelerator.gather_for_metrics(-(logp.exp() * logp).sum()).sum()
-            correct = self.accelerator.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
-        metrics["train"]["entropy"].append((ent / n).item() if n > 0 else 0.0)
-        metrics["train"]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
-        if "attention_mask" in inputs:
-            local = inputs["attention_mask"].sum()
-        else:
-            local = torch.tensor(inputs["input_ids"].size(1), device=logits.device)
-        self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item() // getattr(
-            self, "_tp_size", 1
-        )
-        metrics["train"]["num_tokens"] = [self._total_train_tokens]
-
-    def _maybe_fisher_diagnostic(self, model, inputs) -> None:
-        every = self.fisher_diagnostic_steps
-        step = self.state.global_step
-        if every is None or not model.training or step % every or self._fisher_diag_step == step:
-            return
-        self._fisher_diag_step = step  # once per optimizer step (first micro-batch)
-        model.eval()  # noise-free: no dropout, and NEFTune adds noise only in training mode
-        try:
-            value = fisher_penalty(
-                model,
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs.get("attention_mask"),
-                labels=inputs.get("labels"),
-                position_ids=inputs.get("position_ids"),
-                generator=self._fisher_generator("sample", inputs["input_ids"].device),
-                create_graph=False,
-            )
-        finally:
-            model.train()
-        self._fisher_diag.append(value.item())
-
-    def _fisher_log_entries(self) -> dict[str, float]:
-        entries: dict[str, float] = {}
-        logs = self._fisher_logs
-        steps = self.state.global_step - logs["steps"]
-        if self.fisher_config is not None and steps > 0:
-            entries["fisher/ce_loss"] = float(logs["ce_loss"]) / steps
-            applied = logs["applied"]
-            entries["fisher/applied_fraction"] = applied / steps
-            entries["fisher/coef"] = self.fisher_config.coefficient(max(self.state.global_step - 1, 0))
-            if applied > 0:
-                # R averaged over the steps that computed it (with probability < 1 it is unscaled here)
-                entries["fisher/penalty"] = float(logs["penalty"]) / applied
-        if self._fisher_diag:
-            entries["fisher/trace_estimate"] = sum(self._fisher_diag) / len(self._fisher_diag)
-            self._fisher_diag = []
-        self._fisher_logs = {"ce_loss": 0.0, "penalty": 0.0, "applied": 0.0}
-        self._fisher_logs["steps"] = float(self.state.global_step)
-        return entries
-
-    # -- checkpoints: the noise stream travels with the RNG states -----------------------------------------
-    def _save_rng_state(self, output_dir: str) -> None:
-        super()._save_rng_state(output_dir)
-        if self.neftune_hook is not None:
-            path = os.path.join(output_dir, NEFTUNE_STATE_FILE.format(rank=self.args.process_index))
-            torch.save(self.neftune_hook.state_dict(), path)
-        if self._fisher_generators:
-            path = os.path.join(output_dir, FISHER_STATE_FILE.format(rank=self.args.process_index))
-            torch.save({k: g.get_state() for k, g in self._fisher_generators.items()}, path)
-
-    def _load_rng_state(self, checkpoint: str | None) -> None:
-        super()._load_rng_state(checkpoint)
-        if checkpoint is not None and (self.fisher_config is not None or self.fisher_diagnostic_steps):
-            path = os.path.join(checkpoint, FISHER_STATE_FILE.format(rank=self.args.process_index))
-            if os.path.isfile(path):
-                self._fisher_pending_state = torch.load(path, weights_only=True)
-                self._fisher_generators = {}
-        if self.neftune_hook is None or checkpoint is None:
-            return
-        path = os.path.join(checkpoint, NEFTUNE_STATE_FILE.format(rank=self.args.process_index))
-        if not os.path.isfile(path):
-            logger.warning(
-                "%s has no NEFTune state (%s): the noise stream restarts from its seed", checkpoint, path
-            )
-            return
-        self.neftune_hook.load_state_dict(torch.load(path, weights_only=True))
-
-    # -- logging -----------------------------------------------------------------------------------------------
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if self.model.training and "loss" in logs:
-            if self.neftune_hook is not None:
-                logs["neftune/alpha"] = self.neftune_config.alpha
-                for key, value in self.neftune_hook.pop_stats().items():
-                    logs[f"neftune/{key}"] = value
-            if self.noisytune_config is not None:
-                logs["noisytune/lambda"] = self.noisytune_config.lam
-            logs.update(self._fisher_log_entries())
-        super().log(logs, start_time)

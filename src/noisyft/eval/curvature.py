@@ -18,9 +18,9 @@ E[eps] = 0 and E[eps eps^T] = diag(a_s^2 / 3),
 * ``second_order`` = sum_s a_s^2 / 6 * Tr(H_{X_s}) by Hutchinson's estimator: E[v^T H v] = Tr(H) for Rademacher v;
   with v_s = a_s * Rademacher it estimates sum_s a_s^2 Tr(H_{X_s}) directly. H v is a double backward
   (grad of grad(loss) . v w.r.t. X), over an attention path that has one
-  (:func:`noisyft.regularizers.fisher.differentiable_attention`).
+  (:func:`noisyft.methods.fisher.penalty.differentiable_attention`).
 * ``fisher`` = sum_s a_s^2 / 6 * Tr(F_{X_s}), Tr(F) from the token-F estimator
-  (:func:`noisyft.regularizers.fisher.fisher_penalty`, labels y' drawn from the model): the positive
+  (:func:`noisyft.methods.fisher.penalty.fisher_penalty`, labels y' drawn from the model): the positive
   semi-definite surrogate the Fisher penalty trains with. E_{y' ~ p}[H] = F, but at the data's labels H and F differ.
 
 Precision: the gap is a difference of nearly equal losses (about 1e-4 of the loss at alpha = 1 on SmolLM2), so
@@ -48,7 +48,8 @@ from typing import Any
 
 import torch
 
-from noisyft.regularizers.neftune import neftune_noise, token_sequence_lengths, unwrap_model
+from noisyft._torch import unwrap_model
+from noisyft.methods.neftune.noise import neftune_noise, token_sequence_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def mc_noise_gap(
 ) -> list[dict[str, float]]:
     """Monte-Carlo estimate of E[loss(X + eps)] - loss(X) under NEFTune noise, one dict per alpha.
 
-    Each draw u = U(-1, 1) / sqrt(L_s d) (0 on padding, :func:`~noisyft.regularizers.neftune.neftune_noise` with
+    Each draw u = U(-1, 1) / sqrt(L_s d) (0 on padding, :func:`~noisyft.methods.neftune.noise.neftune_noise` with
     ``scale="sequence"``) gives, for every alpha, the antithetic sample (loss(X + alpha u) + loss(X - alpha u)) / 2
     - loss(X): unbiased (u and -u are equally likely), free of the first-order term. Returns ``alpha``, ``mc_gap``
     (mean), ``se`` (standard error over the ``num_samples`` draws), ``num_samples`` and ``base_loss`` = loss(X).
@@ -280,10 +281,10 @@ def hutchinson_trace(
     reach the loss). With ``scale`` (B,) per sequence or (B, T) per token, e.g. a_s = alpha / sqrt(L_s d)
     (:func:`noise_scales`), it is sum_s a_s^2 Tr(H_{X_s}), so ``second_order = estimate / 6``. The variance of a
     sample is 2 sum_{i != j} (scale_i scale_j H_ij)^2. H v is computed by double backward in eval mode, over an
-    attention path with a double backward (:func:`~noisyft.regularizers.fisher.differentiable_attention`).
+    attention path with a double backward (:func:`~noisyft.methods.fisher.penalty.differentiable_attention`).
     Per-sequence shares are exact per draw because the Hessian is block-diagonal across sequences.
     """
-    from noisyft.regularizers.fisher import differentiable_attention
+    from noisyft.methods.fisher.penalty import differentiable_attention
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a standard error needs two draws), got {num_samples}")
@@ -320,8 +321,8 @@ def fisher_trace(
     generator: torch.Generator | None,
 ) -> TraceEstimate:
     """token-F estimate of Tr(F_X) of the mean cross-entropy, one draw of y' ~ p per sample, per-sequence shares
-    (:func:`~noisyft.regularizers.fisher.fisher_penalty` with ``reduction="none"``: ||g_s||^2 / P), eval mode."""
-    from noisyft.regularizers.fisher import fisher_penalty
+    (:func:`~noisyft.methods.fisher.penalty.fisher_penalty` with ``reduction="none"``: ||g_s||^2 / P), eval mode."""
+    from noisyft.methods.fisher.penalty import fisher_penalty
 
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a standard error needs two draws), got {num_samples}")

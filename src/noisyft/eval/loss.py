@@ -4,7 +4,7 @@ The NEFTune paper compares the *noise-free* training loss with the loss on a dif
 with noise reaches a higher training loss but a slightly lower test loss (less over-fitting). Noise-free means:
 
 * the model is in ``eval()`` mode (dropout off) and runs under ``torch.no_grad()``. NEFTune hooks (noisyft's
-  :class:`~noisyft.regularizers.neftune.NEFTuneHook` and transformers' ``neftune_post_forward_hook``) only add
+  :class:`~noisyft.methods.neftune.noise.NEFTuneHook` and transformers' ``neftune_post_forward_hook``) only add
   noise in training mode with autograd recording, so they add nothing here;
 * the loss is the one training optimizes: cross-entropy on the assistant tokens only (``assistant_masks`` from
   :func:`noisyft.data.build_sft_dataset`, same template and ``max_length`` as training), with the usual causal

@@ -17,17 +17,21 @@ Every file is written atomically; ``noisyft eval report`` renders a comparison f
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
+import shutil
 import time
+from collections import Counter
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from noisyft._io import atomic_write_json
+from noisyft._meta import versions
+from noisyft.config import EMBEDDED_DATA, TrainConfig, migrate_legacy, skip_bad_records_default
 from noisyft.eval.config import EvalConfig
+from noisyft.settings import SettingsError, build, load_yaml, to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -36,30 +40,50 @@ class EvalError(RuntimeError):
     """A problem with the evaluation's inputs, reported as one line by the CLI."""
 
 
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """A `noisyft train` run folder's settings, read through the settings layer (a folder written before the
+    method sections existed is migrated; one that cannot be read is refused with what to do)."""
+    path = Path(run_dir) / "config.yaml"
+    try:
+        return build(TrainConfig, migrate_legacy(load_yaml(path), str(path)), where=str(path))
+    except SettingsError as exc:
+        raise EvalError(
+            f"{exc} (this run's config.yaml does not read as `noisyft train` settings; fix it, or evaluate its "
+            f"model folder directly: noisyft eval run {Path(run_dir) / 'model'} --train-data ...)"
+        ) from None
+
+
 def resolve_target(cfg: EvalConfig) -> dict[str, Any]:
-    """Model path and training-data settings: from a run folder's config.yaml, else from the flags/defaults."""
+    """Model path and training-data settings: from a run folder's settings, else from the flags/defaults."""
     target = Path(cfg.target)
-    run: dict[str, Any] = {}
-    if (target / "config.yaml").is_file() and (target / "model").is_dir():
-        run = yaml.safe_load((target / "config.yaml").read_text(encoding="utf-8")) or {}
+    run: TrainConfig | None = None
+    if (target / "config.yaml").is_file():
+        if not (target / "model").is_dir():
+            raise EvalError(f"{target} looks like a run folder but has no model/ (did the run finish?)")
+        run = read_run_config(target)
         model = str(target / "model")
-    elif (target / "config.yaml").is_file():
-        raise EvalError(f"{target} looks like a run folder but has no model/ (did the run finish?)")
+    elif target.is_dir() and (target / "model").is_dir():
+        raise EvalError(f"{target} has a model/ but no config.yaml: pass the model folder {target / 'model'}")
     else:
         model = cfg.target
-    train_data = cfg.train_data or run.get("data") or "sharegpt"
-    max_examples = cfg.train_max_examples or run.get("max_examples") or 48
-    skip = run.get("skip_bad_records")
+    base = run or TrainConfig(method="none", data=EMBEDDED_DATA)
+    train_data = cfg.train_data or base.data
+    explicit = cfg.train_max_examples is not None
     return {
         "run_dir": str(target) if run else None,
         "model": model,
-        "method": run.get("method"),
+        "method": run.method if run else None,
         "train_data": train_data,
-        "train_max_examples": max_examples,
-        "template": cfg.template or run.get("template") or "auto",
-        "max_length": cfg.max_length or run.get("max_length") or 512,
-        "data_format": run.get("data_format", "auto"),
-        "skip_bad_records": skip if skip is not None else None,
+        # None means every record, as in training
+        "train_max_examples": cfg.train_max_examples if explicit else base.max_examples,
+        "template": cfg.template or base.template,
+        "max_length": cfg.max_length or base.max_length,
+        "data_format": base.data_format,
+        "skip_bad_records": (
+            base.skip_bad_records
+            if base.skip_bad_records is not None
+            else skip_bad_records_default(train_data)
+        ),
     }
 
 
@@ -113,28 +137,202 @@ def _length_stats(texts: list[str], tokenizer: Any) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass
+class EvalContext:
+    """What every analysis reads: the settings, the target, the loaded model, the results folder."""
+
+    cfg: EvalConfig
+    info: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    out: Path
+    settings: Any  # GenerationSettings of the greedy answers
+    headline: dict[str, Any]
+    _prompts: tuple | None = None
+
+    @property
+    def fit(self) -> dict[str, Any]:
+        return {
+            "tokenizer": self.tokenizer,
+            "template": self.info["template"],
+            "max_prompt_tokens": self.info["max_length"],
+        }
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return {"model": self.info["model"], "run": self.info["run_dir"]}
+
+    def heldout_prompts(self) -> tuple[list[Any], dict[str, int]]:
+        """The length/diversity prompts, loaded once for the lengths and ablation analyses."""
+        if self._prompts is None:
+            source = self.cfg.prompts_data
+            prompts, _, counts = _first_turn_pairs(
+                source, self.cfg.num_prompts, skip_bad_records_default(source), **self.fit
+            )
+            self._prompts = (prompts, counts)
+        return self._prompts
+
+    def generations(self, name: str, records: list[dict], settings: Any, **extra: Any) -> None:
+        from noisyft.eval.generation import write_generations
+
+        write_generations(self.out / "generations" / f"{name}.jsonl", records, settings, **self.meta, **extra)
+
+
+def _loss(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.eval.loss import loss_report
+
+    info, cfg = ctx.info, ctx.cfg
+    kw = dict(template=info["template"], max_length=info["max_length"], batch_size=cfg.batch_size)
+    result = loss_report(
+        ctx.model,
+        ctx.tokenizer,
+        {"train": info["train_data"]},
+        max_examples=info["train_max_examples"],
+        skip_bad_records=info["skip_bad_records"],
+        **kw,
+    )
+    heldout = {name: name for name in cfg.heldout}
+    if heldout:
+        result.update(
+            loss_report(ctx.model, ctx.tokenizer, heldout, max_examples=cfg.heldout_max_examples, **kw)
+        )
+    for name, r in result.items():
+        ctx.headline[f"loss/{name}"] = r["loss"]
+    return result
+
+
+def _memorization(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.eval.generation import generate_responses
+    from noisyft.eval.memorization import memorization_scores
+
+    info = ctx.info
+    prompts, references, counts = _first_turn_pairs(
+        info["train_data"], ctx.cfg.num_prompts, info["skip_bad_records"], **ctx.fit
+    )
+    records = generate_responses(ctx.model, ctx.tokenizer, prompts, ctx.settings)
+    for rec, ref in zip(records, references, strict=True):
+        rec["reference"] = ref
+    ctx.generations("train_prompts", records, ctx.settings)
+    answers = [r["response"] for r in records]
+    shuffled = references[1:] + references[:1]  # every answer against another prompt's response
+    result = {
+        "source": info["train_data"],
+        "n_prompts": len(records),
+        "prompts": counts,
+        "scores": memorization_scores(answers, references),
+        "shuffled_baseline": memorization_scores(answers, shuffled) if len(records) > 1 else None,
+        "decoding": ctx.settings.to_dict(),
+    }
+    ctx.headline["rougeL_f"] = result["scores"]["rougeL_f"]
+    ctx.headline["bleu"] = result["scores"]["bleu_corpus"]
+    return result
+
+
+def _lengths(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.eval.generation import generate_responses
+
+    prompts, counts = ctx.heldout_prompts()
+    records = generate_responses(ctx.model, ctx.tokenizer, prompts, ctx.settings)
+    ctx.generations("heldout_prompts", records, ctx.settings)
+    result = {
+        "source": ctx.cfg.prompts_data,
+        "prompts": counts,
+        "decoding": ctx.settings.to_dict(),
+        "finish_reasons": dict(Counter(r["finish_reason"] for r in records)),
+        **_length_stats([r["response"] for r in records], ctx.tokenizer),
+    }
+    ctx.headline["mean_length_words"] = result["words"]["mean_length"]
+    ctx.headline["rep_2"] = result["words"]["rep_2"]
+    ctx.headline["log_diversity"] = result["words"]["log_diversity"]
+    return result
+
+
+def _ablations(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.eval.generation import ablation_settings, length_ablations
+
+    cfg = ctx.cfg
+    prompts, _ = ctx.heldout_prompts()
+    # the three runs share one budget, large enough for the EOS-blocked run, so they compare
+    budget = max(cfg.max_new_tokens, cfg.min_new_tokens)
+    base = dataclasses.replace(ctx.settings, max_new_tokens=budget)
+    runs = ablation_settings(base, min_new_tokens=cfg.min_new_tokens)
+    outputs = length_ablations(ctx.model, ctx.tokenizer, prompts, base, min_new_tokens=cfg.min_new_tokens)
+    result: dict[str, Any] = {"source": cfg.prompts_data, "max_new_tokens": budget}
+    for name, records in outputs.items():
+        ctx.generations(f"ablation_{name}", records, runs[name])
+        result[name] = {
+            "decoding": runs[name].to_dict(),
+            "finish_reasons": dict(Counter(r["finish_reason"] for r in records)),
+            **_length_stats([r["response"] for r in records], ctx.tokenizer),
+        }
+        ctx.headline[f"mean_length_words/{name}"] = result[name]["words"]["mean_length"]
+    return result
+
+
+def _gsm8k(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.eval.capability import gsm8k_accuracy
+
+    gs = dataclasses.replace(ctx.settings, max_new_tokens=ctx.cfg.gsm8k_max_new_tokens)
+    result, records = gsm8k_accuracy(ctx.model, ctx.tokenizer, limit=ctx.cfg.gsm8k_limit, settings=gs)
+    ctx.generations("gsm8k", records, gs, task="gsm8k")
+    ctx.headline["gsm8k_accuracy"] = result["accuracy"]
+    return result
+
+
+def _curvature(ctx: EvalContext) -> dict[str, Any]:
+    from noisyft.data import build_sft_dataset
+    from noisyft.eval.curvature import batch_from_dataset, curvature_report
+    from noisyft.models import pad_token_id
+
+    cfg, info = ctx.cfg, ctx.info
+    dataset, _ = build_sft_dataset(
+        info["train_data"],
+        ctx.tokenizer,
+        template=info["template"],
+        max_length=info["max_length"],
+        skip_bad_records=info["skip_bad_records"],
+        limit=cfg.curvature_examples,
+    )
+    batch = batch_from_dataset(dataset, cfg.curvature_examples, pad_token_id(ctx.tokenizer))
+    return curvature_report(
+        ctx.model,
+        batch,
+        alphas=cfg.curvature_alphas,
+        mc_samples=cfg.curvature_mc_samples,
+        hutchinson_samples=cfg.curvature_hutchinson_samples,
+        fisher_samples=cfg.curvature_fisher_samples,
+        seed=cfg.seed,
+    )
+
+
+# name -> the analysis; each writes <name>.json (and generations/) and fills its headline numbers
+ANALYSES: dict[str, Callable[[EvalContext], dict[str, Any]]] = {
+    "loss": _loss,
+    "memorization": _memorization,
+    "lengths": _lengths,
+    "ablations": _ablations,
+    "gsm8k": _gsm8k,
+    "curvature": _curvature,
+}
+
+
+def _prepare_output(cfg: EvalConfig, out: Path) -> None:
+    """A results folder holds one evaluation: refused when it has results, replaced whole with ``overwrite``."""
+    if out.exists() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise EvalError(f"{out} already holds results; pass --overwrite or another --output-dir")
+        shutil.rmtree(out)
+
+
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     import torch
 
-    from noisyft.eval.generation import (
-        GenerationSettings,
-        ablation_settings,
-        generate_responses,
-        write_generations,
-    )
+    from noisyft.eval.generation import GenerationSettings
     from noisyft.models import load_model_and_tokenizer
 
     info = resolve_target(cfg)
     out = _default_output(cfg, info)
-    if (out / "summary.json").exists() and not cfg.overwrite:
-        raise EvalError(
-            f"{out} already holds results (summary.json); pass --overwrite or another --output-dir"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    skip_bad = info["skip_bad_records"]
-    if skip_bad is None:
-        skip_bad = info["train_data"] == "sharegpt"
-
+    _prepare_output(cfg, out)
     started = time.time()
     try:
         model, tokenizer = load_model_and_tokenizer(
@@ -144,184 +342,31 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         raise EvalError(f"could not load model {info['model']!r}: {exc}") from exc
     model.eval()
     torch.manual_seed(cfg.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = GenerationSettings(
+        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, template=info["template"]
+    )
     summary: dict[str, Any] = {
         "target": cfg.target,
         **info,
-        "config": cfg.to_dict(),
+        "config": to_dict(cfg),
         "started": datetime.now().isoformat(timespec="seconds"),
         "files": {},
         "headline": {},
         "wall_time_s": {},
     }
-    meta = {"model": info["model"], "run": info["run_dir"]}
-    settings = GenerationSettings(
-        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed, template=info["template"]
-    )
-    head = summary["headline"]
-    fit = {"tokenizer": tokenizer, "template": info["template"], "max_prompt_tokens": info["max_length"]}
-
-    def done(name: str, t0: float, path: Path) -> None:
+    ctx = EvalContext(cfg, info, model, tokenizer, out, settings, summary["headline"])
+    for name in cfg.analyses:
+        t0 = time.time()
+        try:
+            result = ANALYSES[name](ctx)
+        except (OSError, ValueError) as exc:
+            raise EvalError(f"{name}: {exc}") from exc
+        atomic_write_json(out / f"{name}.json", result)
         summary["wall_time_s"][name] = round(time.time() - t0, 2)
-        summary["files"][name] = str(path.relative_to(out))
-        logger.info("%s: %.1f s -> %s", name, time.time() - t0, path)
-
-    analyses = cfg.analysis_list
-    try:
-        if "loss" in analyses:
-            from noisyft.eval.loss import loss_report
-
-            t0 = time.time()
-            kw = dict(template=info["template"], max_length=info["max_length"], batch_size=cfg.batch_size)
-            result = loss_report(
-                model,
-                tokenizer,
-                {"train": info["train_data"]},
-                max_examples=info["train_max_examples"],
-                skip_bad_records=skip_bad,
-                **kw,
-            )
-            heldout = {name: name for name in cfg.heldout_list}
-            if heldout:
-                result.update(
-                    loss_report(model, tokenizer, heldout, max_examples=cfg.heldout_max_examples, **kw)
-                )
-            atomic_write_json(out / "loss.json", result)
-            for name, r in result.items():
-                head[f"loss/{name}"] = r["loss"]
-            done("loss", t0, out / "loss.json")
-
-        if "memorization" in analyses:
-            from noisyft.eval.memorization import memorization_scores
-
-            t0 = time.time()
-            prompts, references, counts = _first_turn_pairs(
-                info["train_data"], cfg.num_prompts, skip_bad, **fit
-            )
-            records = generate_responses(model, tokenizer, prompts, settings)
-            for rec, ref in zip(records, references, strict=True):
-                rec["reference"] = ref
-            write_generations(out / "generations" / "train_prompts.jsonl", records, settings, **meta)
-            answers = [r["response"] for r in records]
-            shuffled = references[1:] + references[:1]  # every answer against another prompt's response
-            result = {
-                "source": info["train_data"],
-                "n_prompts": len(records),
-                "prompts": counts,
-                "scores": memorization_scores(answers, references),
-                "shuffled_baseline": memorization_scores(answers, shuffled) if len(records) > 1 else None,
-                "decoding": settings.to_dict(),
-            }
-            atomic_write_json(out / "memorization.json", result)
-            head["rougeL_f"] = result["scores"]["rougeL_f"]
-            head["bleu"] = result["scores"]["bleu_corpus"]
-            done("memorization", t0, out / "memorization.json")
-
-        prompts_cache: list[Any] | None = None
-        if "lengths" in analyses or "ablations" in analyses:
-            prompts_cache, _, prompt_counts = _first_turn_pairs(
-                cfg.prompts_data, cfg.num_prompts, cfg.prompts_data.startswith("sharegpt"), **fit
-            )
-
-        if "lengths" in analyses:
-            t0 = time.time()
-            records = generate_responses(model, tokenizer, prompts_cache, settings)
-            write_generations(out / "generations" / "heldout_prompts.jsonl", records, settings, **meta)
-            result = {
-                "source": cfg.prompts_data,
-                "prompts": prompt_counts,
-                "decoding": settings.to_dict(),
-                "finish_reasons": _count(r["finish_reason"] for r in records),
-                **_length_stats([r["response"] for r in records], tokenizer),
-            }
-            atomic_write_json(out / "lengths.json", result)
-            head["mean_length_words"] = result["words"]["mean_length"]
-            head["rep_2"] = result["words"]["rep_2"]
-            head["log_diversity"] = result["words"]["log_diversity"]
-            done("lengths", t0, out / "lengths.json")
-
-        if "ablations" in analyses:
-            import dataclasses
-
-            t0 = time.time()
-            # the three runs share one budget, large enough for the EOS-blocked run, so they compare
-            budget = max(cfg.max_new_tokens, cfg.min_new_tokens)
-            base = dataclasses.replace(settings, max_new_tokens=budget)
-            result = {"source": cfg.prompts_data, "max_new_tokens": budget}
-            for name, s in ablation_settings(base, min_new_tokens=cfg.min_new_tokens).items():
-                records = generate_responses(model, tokenizer, prompts_cache, s)
-                write_generations(out / "generations" / f"ablation_{name}.jsonl", records, s, **meta)
-                result[name] = {
-                    "decoding": s.to_dict(),
-                    "finish_reasons": _count(r["finish_reason"] for r in records),
-                    **_length_stats([r["response"] for r in records], tokenizer),
-                }
-                head[f"mean_length_words/{name}"] = result[name]["words"]["mean_length"]
-            atomic_write_json(out / "ablations.json", result)
-            done("ablations", t0, out / "ablations.json")
-
-        if "gsm8k" in analyses:
-            from noisyft.eval.capability import gsm8k_accuracy
-
-            t0 = time.time()
-            gs = GenerationSettings(
-                max_new_tokens=cfg.gsm8k_max_new_tokens,
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                template=info["template"],
-            )
-            result, records = gsm8k_accuracy(model, tokenizer, limit=cfg.gsm8k_limit, settings=gs)
-            write_generations(out / "generations" / "gsm8k.jsonl", records, gs, task="gsm8k", **meta)
-            atomic_write_json(out / "gsm8k.json", result)
-            head["gsm8k_accuracy"] = result["accuracy"]
-            done("gsm8k", t0, out / "gsm8k.json")
-
-        if "curvature" in analyses:
-            from noisyft.data import build_sft_dataset
-            from noisyft.eval.curvature import batch_from_dataset, curvature_report
-
-            t0 = time.time()
-            dataset, _ = build_sft_dataset(
-                info["train_data"],
-                tokenizer,
-                template=info["template"],
-                max_length=info["max_length"],
-                skip_bad_records=skip_bad,
-                limit=cfg.curvature_examples,
-            )
-            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-            batch = batch_from_dataset(dataset, cfg.curvature_examples, pad)
-            result = curvature_report(
-                model,
-                batch,
-                alphas=cfg.alphas,
-                mc_samples=cfg.curvature_mc_samples,
-                hutchinson_samples=cfg.curvature_hutchinson_samples,
-                fisher_samples=cfg.curvature_fisher_samples,
-                seed=cfg.seed,
-            )
-            atomic_write_json(out / "curvature.json", result)
-            done("curvature", t0, out / "curvature.json")
-    except (OSError, ValueError) as exc:
-        raise EvalError(str(exc)) from exc
-
+        summary["files"][name] = f"{name}.json"
+        logger.info("%s: %.1f s -> %s", name, time.time() - t0, out / f"{name}.json")
     summary["total_wall_time_s"] = round(time.time() - started, 2)
-    summary["versions"] = _versions()
+    summary["versions"] = versions(("noisyft", "torch", "transformers", "trl", "rouge-score", "sacrebleu"))
     atomic_write_json(out / "summary.json", summary)
     return {"output_dir": str(out), "summary": summary}
-
-
-def _count(values) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for v in values:
-        counts[v] = counts.get(v, 0) + 1
-    return counts
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {}
-    for dist in ("noisyft", "torch", "transformers", "trl", "rouge-score", "sacrebleu"):
-        with contextlib.suppress(md.PackageNotFoundError):
-            out[dist] = md.version(dist)
-    return out

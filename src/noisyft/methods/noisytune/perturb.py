@@ -1,6 +1,6 @@
 """NoisyTune: perturb the pretrained weights once, with noise scaled to each matrix, before fine-tuning.
 
-Pure torch: nothing here knows about a Trainer. Call :func:`noisytune_` (or :meth:`NoisyTuneConfig.apply`)
+Pure torch: nothing here knows about a Trainer. Call :func:`noisytune_` (or ``NoisyTuneConfig.apply``)
 on the model after it is loaded (and after PEFT adapters are attached, if any) and before the first step.
 """
 
@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import NoisyTuneConfig
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["NoisyTuneConfig", "NoisyTuneRecord", "noisytune_", "summarize_records"]
 
-DISTRIBUTIONS = ("uniform", "gaussian")
-MODES = ("matrix", "global")
 
 # Skip reasons written to `NoisyTuneRecord.skipped`.
 SKIP_NOT_FLOAT = "not a floating-point tensor"
@@ -26,98 +26,6 @@ SKIP_META = "on the meta device (no data)"
 SKIP_SINGLE = "single element (std undefined)"
 SKIP_ZERO_STD = "zero std (constant tensor)"
 SKIP_NONFINITE = "non-finite values (std is NaN or inf)"
-
-
-@dataclass
-class NoisyTuneConfig:
-    """https://arxiv.org/abs/2202.12024 (NoisyTune, Wu et al., ACL 2022): perturb the weights once, then fine-tune.
-
-    Before fine-tuning, every selected parameter tensor ``W`` is perturbed once, in place::
-
-        uniform  (the paper):  W <- W + U(-lam/2, +lam/2) * std(W)
-        gaussian (ablation):   W <- W + N(0, sigma^2) * std(W),   sigma = lam / sqrt(12)
-
-    ``std(W)`` is the standard deviation of the tensor's own values (``mode="matrix"``, the paper), so every
-    matrix receives noise in proportion to its own spread. ``sigma = lam / sqrt(12)`` is the standard
-    deviation of ``U(-lam/2, lam/2)``, so both distributions add noise of the same variance and the
-    ``lam`` values are comparable; only the shape (bounded vs. heavy tails) differs.
-
-    The expected relative change of a tensor is ``||dW|| / ||W|| ~= lam / sqrt(12) * std(W) / rms(W)``:
-    about ``0.043`` for ``lam=0.15`` on a zero-mean weight matrix (where ``std ~= rms``), much less on
-    tensors whose values sit far from zero (such as trained norm weights near 1).
-
-    Attributes:
-        lam: Noise intensity lambda, >= 0 (0 leaves the weights unchanged). Default ``0.15``, the
-            paper's default.
-        distribution: ``"uniform"`` (the paper) or ``"gaussian"`` (ablation, same variance). Default
-            ``"uniform"``.
-        mode: ``"matrix"``: one std per tensor (the paper). ``"global"``: one std computed over the values
-            of all perturbed tensors together (ablation). Default ``"matrix"``.
-        include: Regular expression searched (``re.search``) in each parameter name; when set, only
-            matching parameters are perturbed. Default ``None`` (all).
-        exclude: Regular expression; matching parameters are left alone, e.g. ``"embed_tokens"`` as the
-            paper did for multilingual models. Applied after ``include``. Default ``None``.
-        trainable_only: Only perturb parameters with ``requires_grad=True``, so the frozen base of a
-            LoRA model is not damaged. Default ``True``.
-        seed: Seed for the noise (a fresh CPU ``torch.Generator``); ``None`` uses torch's global RNG.
-            Default ``None``.
-
-    Tensors with zero std (constant, e.g. freshly initialized LayerNorm weights, as the paper notes) or a
-    single element (std undefined) are skipped in both modes. Tied weights (one Parameter under two names)
-    are perturbed once.
-    """
-
-    lam: float = 0.15
-    distribution: str = "uniform"
-    mode: str = "matrix"
-    include: str | None = None
-    exclude: str | None = None
-    trainable_only: bool = True
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.lam, bool) or not isinstance(self.lam, (int, float)):
-            raise ValueError(f"NoisyTune lam must be a number, got {self.lam!r}")
-        self.lam = float(self.lam)
-        if not math.isfinite(self.lam) or self.lam < 0:
-            raise ValueError(f"NoisyTune lam must be a finite number >= 0, got {self.lam}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"NoisyTune distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
-            )
-        if self.mode not in MODES:
-            raise ValueError(f"NoisyTune mode must be one of {MODES}, got {self.mode!r}")
-        for field_name in ("include", "exclude"):
-            pattern = getattr(self, field_name)
-            if pattern is None:
-                continue
-            if not isinstance(pattern, str):
-                raise ValueError(f"NoisyTune {field_name} must be a regex string or None, got {pattern!r}")
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ValueError(f"NoisyTune {field_name} is not a valid regex ({pattern!r}): {exc}") from exc
-        if not isinstance(self.trainable_only, bool):
-            raise ValueError(f"NoisyTune trainable_only must be a bool, got {self.trainable_only!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"NoisyTune seed must be an int or None, got {self.seed!r}")
-
-    def apply(
-        self, model: torch.nn.Module, generator: torch.Generator | None = None
-    ) -> list[NoisyTuneRecord]:
-        """Perturb `model` in place with these settings; `generator` (if given) wins over `seed`."""
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed)
-        return noisytune_(
-            model,
-            lam=self.lam,
-            distribution=self.distribution,
-            mode=self.mode,
-            include=self.include,
-            exclude=self.exclude,
-            trainable_only=self.trainable_only,
-            generator=generator,
-        )
 
 
 @dataclass

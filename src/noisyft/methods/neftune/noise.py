@@ -22,63 +22,23 @@ scaled embeddings, i.e. on exactly what the first decoder layer sees, as in tran
 width in both cases.
 
 The module is pure torch: :func:`neftune_noise` computes the noise, :class:`NEFTuneHook` attaches it to a model as a
-train-time forward hook. Wiring into a Trainer lives in ``noisyft.trainer``.
+train-time forward hook. Wiring into a Trainer lives in ``noisyft.methods.neftune.plugin``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from noisyft._torch import rank_seed, unwrap_model
+
+from .config import DISTRIBUTIONS, SCALES, NEFTuneConfig
+
 logger = logging.getLogger(__name__)
-
-DISTRIBUTIONS = ("uniform", "gaussian")
-SCALES = ("sequence", "padded")
-
-
-@dataclass
-class NEFTuneConfig:
-    """Configuration of NEFTune (https://arxiv.org/abs/2310.05914).
-
-    noise = U(-1, 1) * alpha / sqrt(L * d), added to the input embeddings in training forward passes only.
-
-    Args:
-        alpha (`float`, defaults to 5.0): noise scale. The paper uses 5, 10 and 15. ``alpha = 0`` adds nothing.
-        distribution (`str`, defaults to ``"uniform"``): ``"uniform"`` draws U(-1, 1); ``"gaussian"`` draws
-            N(0, 1) instead (the paper's ablation), see :func:`neftune_noise`.
-        scale (`str`, defaults to ``"sequence"``): what ``L`` is. ``"sequence"``: each sequence's (or packed
-            document's) real length, no noise on padding. ``"padded"``: the batch row width, noise on padding too,
-            as transformers' ``neftune_noise_alpha`` does.
-        response_only (`bool`, defaults to False): noise only tokens that carry a label (``labels != -100``).
-            ``L`` still counts every real token of the sequence. Off in the paper.
-        seed (`int`, *optional*): seed of the noise stream. ``None`` takes the training seed. Every data-parallel
-            rank derives its own stream from (seed, rank). Ignored with ``use_global_rng=True``.
-        use_global_rng (`bool`, defaults to False): draw from torch's global RNG instead of a dedicated generator.
-            Needed to reproduce a transformers ``neftune_noise_alpha`` run bit for bit (with ``scale="padded"``).
-    """
-
-    alpha: float = 5.0
-    distribution: str = "uniform"
-    scale: str = "sequence"
-    response_only: bool = False
-    seed: int | None = None
-    use_global_rng: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.alpha, (int, float)) or self.alpha < 0:
-            raise ValueError(f"NEFTune alpha must be a number >= 0, got {self.alpha!r}")
-        if self.distribution not in DISTRIBUTIONS:
-            raise ValueError(
-                f"NEFTune distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}"
-            )
-        if self.scale not in SCALES:
-            raise ValueError(f"NEFTune scale must be one of {SCALES}, got {self.scale!r}")
 
 
 def token_sequence_lengths(
@@ -175,12 +135,6 @@ def neftune_noise(
     return noise
 
 
-def rank_seed(seed: int, rank: int) -> int:
-    """A per-rank seed: different data-parallel ranks must draw different noise from one base seed."""
-    digest = hashlib.sha256(f"noisyft-neftune:{seed}:{rank}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
 _BATCH_KEYS = ("attention_mask", "position_ids", "labels")
 
 
@@ -188,24 +142,6 @@ _BATCH_KEYS = ("attention_mask", "position_ids", "labels")
 def _positional_names(model_cls: type) -> tuple[str, ...]:
     params = inspect.signature(model_cls.forward).parameters
     return tuple(n for n, p in params.items() if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD)
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under DDP/FSDP/compile and PEFT wrappers (the one owning get_input_embeddings)."""
-    seen = 0
-    while seen < 8:
-        seen += 1
-        if hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-            type(model).__name__ in ("FullyShardedDataParallel", "DataParallel") and hasattr(model, "module")
-        ):
-            model = model.module
-        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            model = model.get_base_model()
-        else:
-            break
-    return model
 
 
 class NEFTuneHook:

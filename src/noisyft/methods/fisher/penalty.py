@@ -41,7 +41,7 @@ switches SDPA to its math backend for that forward pass (logged once) and refuse
 (flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
 
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
-``get_output_embeddings``); the Trainer wiring lives in ``noisyft.trainer``.
+``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
 """
 
 from __future__ import annotations
@@ -50,17 +50,16 @@ import contextlib
 import functools
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .neftune import unwrap_model
+from noisyft._torch import unwrap_model
+
+from .config import KINDS, SAMPLINGS
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("token", "logit")
-SAMPLINGS = ("model", "uniform")
 REDUCTIONS = ("mean", "sum", "none")
 _DOUBLE_BACKWARD_ATTN = ("eager", "sdpa")
 IGNORE_INDEX = -100
@@ -68,62 +67,6 @@ IGNORE_INDEX = -100
 
 class FisherSetupError(ValueError):
     """The model cannot be differentiated twice as configured (attention kernel, reentrant checkpointing)."""
-
-
-@dataclass
-class FisherConfig:
-    """Explicit Fisher penalty added to the training loss: ``loss + coef(step) * R`` (see the module docstring).
-
-    R is the token-F or logit-F estimate of Tr(F_X), the Fisher trace of the mean cross-entropy w.r.t. the input
-    embeddings X: ``|| grad_X sum_t log p_t(y'_t) ||^2 / |P|`` with y'_t ~ p_t at every predicted position t.
-
-    Args:
-        kind (`str`, defaults to ``"token"``): ``"token"`` (token-F) or ``"logit"`` (logit-F: same value, the
-            parameter gradient treats the softmax probabilities as constants; cheaper).
-        coef (`float`, defaults to 2e-6): the penalty coefficient after warm-up. The study used 2e-6 for token-F
-            and 1e-6 for logit-F with Tulu 3's SFT settings on Llama-3.1-8B; how a coefficient from a
-            sum-normalized penalty converts is in the module docstring.
-        warmup_steps (`int`, defaults to 0): the coefficient grows linearly from 0 at optimizer step 0 to ``coef``
-            at step ``warmup_steps`` (the study: 600 steps for token-F, 800 for logit-F). While it is 0 the penalty
-            is not computed at all, so the step is exactly a plain step.
-        num_samples (`int`, defaults to 1): m, sampled label sets per step (one extra gradient each).
-        sampling (`str`, defaults to ``"model"``): draw y' from the model (``"model"``) or uniformly over the
-            vocabulary (``"uniform"``, the study's ablation, which it found clearly worse).
-        probability (`float`, defaults to 1.0): the cheaper unbiased option. Each micro-batch gets the penalty
-            with this probability, and the penalty is then scaled by ``1 / probability``, so the expected
-            gradient equals the full one; the average step costs ``1 + probability * (penalty overhead)``. The
-            draw is the same on every data-parallel rank (same seed), so ranks stay in step.
-        seed (`int`, *optional*): seed of the y' sampling and of the ``probability`` draws (``None``: the
-            training seed). The sampling stream differs per rank; the ``probability`` stream does not.
-    """
-
-    kind: str = "token"
-    coef: float = 2e-6
-    warmup_steps: int = 0
-    num_samples: int = 1
-    sampling: str = "model"
-    probability: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Fisher kind must be one of {KINDS}, got {self.kind!r}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"Fisher sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
-        if not isinstance(self.coef, (int, float)) or self.coef < 0:
-            raise ValueError(f"Fisher coef must be a number >= 0, got {self.coef!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"Fisher warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
-        if not isinstance(self.num_samples, int) or self.num_samples < 1:
-            raise ValueError(f"Fisher num_samples must be an integer >= 1, got {self.num_samples!r}")
-        if not 0 < self.probability <= 1:
-            raise ValueError(f"Fisher probability must be in (0, 1], got {self.probability!r}")
-
-    def coefficient(self, step: int) -> float:
-        """The effective coefficient at optimizer step ``step`` (0-based): linear warm-up from 0, then ``coef``."""
-        if self.warmup_steps == 0:
-            return float(self.coef)
-        return float(self.coef) * min(1.0, step / self.warmup_steps)
 
 
 # -- attention kernels and checkpointing: make the forward pass twice differentiable --------------------------------

@@ -1,0 +1,31 @@
+"""Small torch helpers shared by the methods and the trainer (no Trainer import)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+
+def rank_seed(seed: int, rank: int, stream: str = "neftune") -> int:
+    """A per-rank seed: different data-parallel ranks must draw different noise from one base seed."""
+    digest = hashlib.sha256(f"noisyft-{stream}:{seed}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under DDP/FSDP/compile and PEFT wrappers (the one owning get_input_embeddings)."""
+    seen = 0
+    while seen < 8:
+        seen += 1
+        if hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
+            type(model).__name__ in ("FullyShardedDataParallel", "DataParallel") and hasattr(model, "module")
+        ):
+            model = model.module
+        elif hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
+            model = model.get_base_model()
+        else:
+            break
+    return model

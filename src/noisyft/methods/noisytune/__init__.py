@@ -1,0 +1,1 @@
+"""noisytune: see config.py (settings), plugin.py (how it attaches to a Trainer) and the component module."""
