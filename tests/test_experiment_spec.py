@@ -163,3 +163,19 @@ def test_help_is_fast_and_imports_nothing_heavy():
     assert (
         subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "[]"
     )
+
+
+def test_every_preset_is_a_valid_spec_that_says_how_to_run_it():
+    from pathlib import Path
+
+    from noisyft.experiment.spec import load_spec
+
+    presets = sorted((Path(__file__).resolve().parents[1] / "configs" / "experiments").glob("*.yaml"))
+    assert {p.stem for p in presets} >= {"cpu", "gpu"}
+    for path in presets:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# Run: ") and "noisyft experiment run configs/experiments/" in first, path
+        s = load_spec(path)
+        assert s.variants and s.seeds
+    cpu = load_spec(presets[[p.stem for p in presets].index("cpu")])
+    assert len(cpu.seeds) == 3 and cpu.eval["num_prompts"] >= 64 and cpu.train["max_examples"] >= 200
