@@ -69,7 +69,7 @@ def test_resume_after_kill_9_reruns_only_the_interrupted_trial(tmp_path):
     spec = write_spec(tmp_path / "spec.yaml")
     out = tmp_path / "out"
     proc = cli("run", str(spec), "--output-dir", str(out), "--launcher", LAUNCHER, "--no-progress",
-               env_extra={"FAKE_TRAIN_S": "1.0"})  # fmt: skip
+               env_extra={"FAKE_TRAIN_S": "0.6"})  # fmt: skip
     deadline = time.time() + 60
     while time.time() < deadline:  # wait for one trial done and the next one training
         s = states(out)
@@ -189,3 +189,29 @@ def test_work_needs_the_experiment_folder(tmp_path, capsys):
     assert main(["work", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("noisyft experiment: error:") and "experiment.yaml not found" in err
+
+
+def test_a_second_worker_joins_the_study_and_no_trial_runs_twice(tmp_path):
+    seeds = [1, 2]
+    spec = write_spec(tmp_path / "spec.yaml", seeds=seeds)
+    out = tmp_path / "out"
+    slow = {"FAKE_TRAIN_S": "0.6"}
+    first = cli(
+        "run", str(spec), "--output-dir", str(out), "--launcher", LAUNCHER, "--no-progress", env_extra=slow
+    )
+    deadline = time.time() + 30
+    while not (out / "experiment.yaml").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    second = cli("work", str(out), "--launcher", LAUNCHER, "--no-progress", env_extra=slow)
+    for p in (first, second):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    assert sorted(states(out)) == sorted(f"{v}-s{s}" for v in ("plain", "neftune") for s in seeds)
+    assert set(states(out).values()) == {"complete"}
+    for t in (out / "trials").iterdir():
+        assert len((t / "train_calls.txt").read_text().split()) == 1, t.name  # each cell trained once
+    import optuna
+
+    study = optuna.load_study(study_name="fake", storage=f"sqlite:///{out / 'study.db'}")
+    workers = {t.user_attrs["pid"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(workers) == 2  # both processes ran trials

@@ -110,16 +110,21 @@ def _execute(spec, out_dir: Path, ns: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: stopped; run the same command again to resume", file=sys.stderr)
         return 130
-    done, total = runner.finished_cells()
+    status = runner.status()
+    done, total = status["complete"], status["total"]
     print(
         f"{done}/{total} trials complete ({counts['complete']} now, {counts['failed']} failed now) in {out_dir}"
     )
+    if status["running"]:
+        print(
+            f"{status['running']} trial(s) still running in other workers; `{PROG} report {out_dir}` when they end"
+        )
     try:
         paths = write_report(out_dir)
     except ReportError as exc:
         return _fail(str(exc), 1)
     print(f"report: {paths['html']}\nsummary: {paths['summary']}\ntable: {paths['markdown']}")
-    return 0 if done == total else 1
+    return 1 if status["failed"] else 0
 
 
 def _setup_logging() -> None:

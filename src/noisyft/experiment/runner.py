@@ -142,14 +142,36 @@ class Runner:
 
     def finished_cells(self) -> tuple[int, int]:
         """(complete, total) cells: grid cells done, or search trials counted against the budget."""
+        status = self.status()
+        return status["complete"], status["total"]
+
+    def status(self) -> dict[str, int]:
+        """Cells complete, running (in any worker), failed (latest attempt ended in an error), and in total."""
         from optuna.trial import TrialState
 
         trials = self.study.get_trials(deepcopy=False)
         if self.spec.is_search:
-            done = sum(1 for t in trials if t.state == TrialState.COMPLETE or "error" in t.user_attrs)
-            return done, self.spec.search.n_trials
-        done = {self._cell(t) for t in trials if t.state == TrialState.COMPLETE}
-        return len(done & set(self.spec.cells())), len(self.spec.cells())
+            return {
+                "complete": sum(1 for t in trials if t.state == TrialState.COMPLETE),
+                "running": sum(1 for t in trials if t.state == TrialState.RUNNING),
+                "failed": sum(1 for t in trials if t.state == TrialState.FAIL and "error" in t.user_attrs),
+                "total": self.spec.search.n_trials,
+            }
+        latest: dict[Any, Any] = {}
+        for t in sorted(trials, key=lambda t: t.number):
+            if t.state != TrialState.PRUNED:
+                latest[self._cell(t)] = t
+        cells = self.spec.cells()
+        done = {
+            c for c in cells if any(t.state == TrialState.COMPLETE and self._cell(t) == c for t in trials)
+        }
+        states = [latest[c].state for c in cells if c in latest and c not in done]
+        return {
+            "complete": len(done),
+            "running": states.count(TrialState.RUNNING),
+            "failed": states.count(TrialState.FAIL),
+            "total": len(cells),
+        }
 
     def _ask_grid(self) -> tuple[Any, Any] | None:
         from optuna.trial import TrialState
