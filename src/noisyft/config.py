@@ -11,8 +11,12 @@ from typing import Any
 from ._checks import check_choice, check_int, check_number
 from .methods import REGISTRY, method_name, parse_method
 from .methods.fisher.config import FisherConfig
+from .methods.lnsr.config import LNSRConfig
+from .methods.mixout.config import MixoutConfig
 from .methods.neftune.config import NEFTuneConfig
 from .methods.noisytune.config import NoisyTuneConfig
+from .methods.recadam.config import RecAdamConfig
+from .methods.symnoise.config import SymNoiseConfig
 
 EMBEDDED_DATA = "sharegpt"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
@@ -102,7 +106,11 @@ class TrainConfig:
     noisytune: NoisyTuneConfig | None = field(
         default=None, metadata={"help": REGISTRY["noisytune"].lifecycle}
     )
+    mixout: MixoutConfig | None = field(default=None, metadata={"help": REGISTRY["mixout"].lifecycle})
+    recadam: RecAdamConfig | None = field(default=None, metadata={"help": REGISTRY["recadam"].lifecycle})
     neftune: NEFTuneConfig | None = field(default=None, metadata={"help": REGISTRY["neftune"].lifecycle})
+    symnoise: SymNoiseConfig | None = field(default=None, metadata={"help": REGISTRY["symnoise"].lifecycle})
+    lnsr: LNSRConfig | None = field(default=None, metadata={"help": REGISTRY["lnsr"].lifecycle})
     fisher: FisherConfig | None = field(default=None, metadata={"help": REGISTRY["fisher"].lifecycle})
     fisher_diagnostic_steps: int | None = field(
         default=None,

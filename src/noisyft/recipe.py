@@ -220,14 +220,24 @@ def _metrics(
     return metrics
 
 
+def _build_trainer(**kwargs):
+    from .methods.base import MethodSetupError
+    from .trainer import NoisySFTTrainer
+
+    try:
+        return NoisySFTTrainer(**kwargs)
+    except MethodSetupError as exc:
+        raise TrainError(str(exc)) from exc
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run into ``cfg.output_dir`` (see the module docstring for the folder layout)."""
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
+    from .methods.base import MethodSetupError
     from .methods.fisher.penalty import FisherSetupError
     from .settings import to_yaml
-    from .trainer import NoisySFTTrainer
 
     started = time.time()
     out = _prepare_output_dir(cfg)
@@ -245,7 +255,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         atomic_write_json(out / "data_report.json", reports)
 
     tb_dir = out / "tensorboard"
-    trainer = NoisySFTTrainer(
+    trainer = _build_trainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -259,7 +269,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     resume = cfg.resume_from_checkpoint
     try:
         train_output = trainer.train(resume_from_checkpoint=True if resume == "last" else resume)
-    except FisherSetupError as exc:
+    except (FisherSetupError, MethodSetupError) as exc:
         raise TrainError(str(exc)) from exc
 
     metrics = _metrics(cfg, trainer, train_output, started, reports)

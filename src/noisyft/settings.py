@@ -181,9 +181,10 @@ def split_list(value: Any) -> list[Any]:
 
 
 # -- building ----------------------------------------------------------------------------------------------------
-def _suggest(key: str, valid: list[str]) -> str:
+def _suggest(key: str, valid: list[str], prefix: str = "") -> str:
+    """Close names compared without the section prefix (all of a section's names share it)."""
     close = difflib.get_close_matches(key, valid, n=3)
-    return f" Did you mean {', '.join(close)}?" if close else ""
+    return f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
 
 
 def build(cls: type, data: Mapping[str, Any] | None, *, where: str = "", prefix: str = "") -> Any:
@@ -204,9 +205,8 @@ def build(cls: type, data: Mapping[str, Any] | None, *, where: str = "", prefix:
         key = str(raw_key).replace("-", "_")
         f = by_name.get(key)
         if f is None:
-            valid = [prefix + n for n in by_name]
             raise SettingsError(
-                f"{_at(where)}unknown setting {prefix + key!r}.{_suggest(prefix + key, valid)}"
+                f"{_at(where)}unknown setting {prefix + key!r}.{_suggest(key, list(by_name), prefix)}"
             )
         if f.name in kwargs:
             raise SettingsError(f"{_at(where)}{prefix + f.name!r} is given twice (as {key!r})")
@@ -397,17 +397,33 @@ def resolve(
     migrate: typing.Callable[[dict[str, Any], str], dict[str, Any]] | None = None,
 ) -> Any:
     """YAML files (``--config``, in order) as defaults, then every flag given on top; built and validated."""
-    values: dict[str, Any] = {}
+    stages: list[tuple[str, dict[str, Any]]] = []
     for path in getattr(ns, "config", None) or []:
         data = load_yaml(path)
         if migrate is not None:
             data = migrate(data, str(path))
-        # check the file's keys (with suggestions) before merging, so an error names the file
+        # check the file's keys and types (with suggestions) before merging, so an error names the file
         _check_keys(cls, data, where=str(path))
-        values = merge(values, canonical(cls, data))
+        stages.append((str(path), canonical(cls, data)))
     flags = given_flags(ns, cls)
     _check_keys(cls, flags, where="command line")
-    return build(cls, merge(values, canonical(cls, flags)))
+    stages.append(("command line", canonical(cls, flags)))
+    values: dict[str, Any] = {}
+    for _, data in stages:
+        values = merge(values, data)
+    try:
+        return build(cls, values)
+    except SettingsError as exc:
+        # name the source (file or command line) that introduced the value the settings reject
+        partial: dict[str, Any] = {}
+        for where, data in stages:
+            partial = merge(partial, data)
+            try:
+                build(cls, partial)
+            except SettingsError as again:
+                if str(again) == str(exc) and data:
+                    raise SettingsError(f"{where}: {exc}") from None
+        raise
 
 
 def canonical(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
@@ -434,13 +450,16 @@ def _check_keys(cls: type, data: Mapping[str, Any], *, where: str, prefix: str =
         key = str(raw_key).replace("-", "_")
         f = by_name.get(key)
         if f is None:
-            valid = [prefix + n for n in by_name]
             raise SettingsError(
-                f"{_at(where)}unknown setting {prefix + key!r}.{_suggest(prefix + key, valid)}"
+                f"{_at(where)}unknown setting {prefix + key!r}.{_suggest(key, list(by_name), prefix)}"
             )
         if is_section(hints[f.name]):
+            section, optional = _unwrap_optional(hints[f.name])
             if isinstance(value, Mapping):
-                section = _unwrap_optional(hints[f.name])[0]
                 _check_keys(section, value, where=where, prefix=prefix + f.name + _SEP)
+            elif not (value is None and optional):
+                raise SettingsError(
+                    f"{_at(where)}{prefix + f.name} must be a mapping of settings, got {value!r}"
+                )
         else:
             convert(value, hints[f.name], where=f"{_at(where)}{prefix + f.name}")

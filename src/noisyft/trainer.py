@@ -16,7 +16,7 @@ Moving an existing TRL script over takes three lines::
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import logging
 import os
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 from trl import SFTTrainer
 
 from .methods import REGISTRY
-from .methods.base import MethodPlugin
+from .methods.base import MethodPlugin, MethodSetupError
 from .methods.fisher.plugin import FisherDiagnosticPlugin
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,17 @@ def _config_for(name: str, value: Any) -> Any:
     if not isinstance(value, cls):
         raise TypeError(f"{name} must be a {cls.__name__}, got {type(value).__name__}")
     return value
+
+
+@contextlib.contextmanager
+def _setup_errors(plugin: MethodPlugin):
+    """A ValueError while a method attaches is the user's setting or model: one line naming the method."""
+    try:
+        yield
+    except MethodSetupError:
+        raise
+    except ValueError as exc:
+        raise MethodSetupError(f"{plugin.name}: {exc}") from exc
 
 
 class NoisyTrainerMixin:
@@ -64,7 +75,8 @@ class NoisyTrainerMixin:
         owners = [p for p in self.noisyft_plugins if "loss" in getattr(REGISTRY.get(p.name), "slots", ())]
         self._noisyft_loss_owner = owners[0] if owners else None
         for plugin in self.noisyft_plugins:
-            plugin.on_init(self)
+            with _setup_errors(plugin):
+                plugin.on_init(self)
 
     def plugin(self, name: str) -> MethodPlugin | None:
         """The attached plug-in of method ``name`` (``"neftune"``, ...), or None."""
@@ -86,7 +98,8 @@ class NoisyTrainerMixin:
         attached: list[MethodPlugin] = []
         try:
             for plugin in self.noisyft_plugins:
-                plugin.before_train(self, self.model, fresh=fresh)
+                with _setup_errors(plugin):
+                    plugin.before_train(self, self.model, fresh=fresh)
                 attached.append(plugin)
             return super().train(resume_from_checkpoint, *args, **kwargs)
         finally:
@@ -94,7 +107,12 @@ class NoisyTrainerMixin:
                 plugin.after_train(self, self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        default = functools.partial(super().compute_loss, model, inputs, return_outputs, num_items_in_batch)
+        parent = super().compute_loss
+
+        def default(batch=None, num_items=num_items_in_batch):
+            """The trainer's own loss, on ``batch`` (default: this micro-batch) and ``num_items`` tokens."""
+            return parent(model, inputs if batch is None else batch, return_outputs, num_items)
+
         if not model.training:
             return default()
         for plugin in self.noisyft_plugins:

@@ -46,7 +46,8 @@ def _load(target: str) -> type:
     return getattr(importlib.import_module(module), attr)
 
 
-# The order is the order of application: NoisyTune perturbs the weights before the train-time methods attach.
+# The order is the order of application: NoisyTune perturbs the weights before Mixout / RecAdam take their
+# anchors (when those are the weights at the start) and the train-time methods attach.
 REGISTRY: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -58,12 +59,44 @@ REGISTRY: dict[str, MethodSpec] = {
             "https://arxiv.org/abs/2202.12024",
         ),
         MethodSpec(
+            "mixout",
+            "noisyft.methods.mixout.config:MixoutConfig",
+            "noisyft.methods.mixout.plugin:MixoutPlugin",
+            "training-time mix of the weights with their pretrained values (module change)",
+            "https://arxiv.org/abs/1909.11299",
+            slots=("weight-mixing",),
+        ),
+        MethodSpec(
+            "recadam",
+            "noisyft.methods.recadam.config:RecAdamConfig",
+            "noisyft.methods.recadam.plugin:RecAdamPlugin",
+            "Adam with an annealed pull towards the pretrained weights (optimizer)",
+            "https://arxiv.org/abs/2004.12651",
+            slots=("optimizer",),
+        ),
+        MethodSpec(
             "neftune",
             "noisyft.methods.neftune.config:NEFTuneConfig",
             "noisyft.methods.neftune.plugin:NEFTunePlugin",
             "train-time noise on the input embeddings (forward hook)",
             "https://arxiv.org/abs/2310.05914",
             slots=("embedding-noise",),
+        ),
+        MethodSpec(
+            "symnoise",
+            "noisyft.methods.symnoise.config:SymNoiseConfig",
+            "noisyft.methods.symnoise.plugin:SymNoisePlugin",
+            "symmetric +/- noise on the input embeddings, both copies in the loss",
+            "https://arxiv.org/abs/2312.01523",
+            slots=("embedding-noise", "loss"),
+        ),
+        MethodSpec(
+            "lnsr",
+            "noisyft.methods.lnsr.config:LNSRConfig",
+            "noisyft.methods.lnsr.plugin:LNSRPlugin",
+            "noise-stability penalty on later hidden states (loss term, one extra forward)",
+            "https://arxiv.org/abs/2206.05658",
+            slots=("loss",),
         ),
         MethodSpec(
             "fisher",

@@ -16,6 +16,10 @@ from collections.abc import Callable
 from typing import Any
 
 
+class MethodSetupError(ValueError):
+    """A method that cannot attach to this model or these training arguments (raised before the first step)."""
+
+
 class MethodPlugin:
     """Base class: one instance per trainer and method. ``name`` names the state file and the log prefix."""
 
@@ -48,7 +52,8 @@ class MethodPlugin:
         num_items_in_batch: Any,
         default: Callable[[], Any],
     ) -> Any:
-        """The training loss; ``default()`` is the trainer's own. Only plugins in the ``loss`` slot override it."""
+        """The training loss. ``default(batch=None, num_items=...)`` is the trainer's own loss, on this micro-batch or
+        on another ``batch`` (a doubled one, say). Only plugins in the ``loss`` slot override it."""
         return default()
 
     def create_optimizer(self, trainer: Any, model: Any) -> Any | None:

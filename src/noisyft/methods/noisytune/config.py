@@ -77,22 +77,3 @@ class NoisyTuneConfig:
         if not isinstance(self.trainable_only, bool):
             raise ValueError(f"NoisyTune trainable_only must be a bool, got {self.trainable_only!r}")
         check_int("NoisyTune seed", self.seed, low=0, optional=True)
-
-    def apply(self, model, generator=None) -> list:
-        """Perturb `model` in place with these settings; `generator` (if given) wins over `seed`."""
-        import torch
-
-        from .perturb import noisytune_
-
-        if generator is None and self.seed is not None:
-            generator = torch.Generator().manual_seed(self.seed)
-        return noisytune_(
-            model,
-            lam=self.lam,
-            distribution=self.distribution,
-            mode=self.mode,
-            include=self.include,
-            exclude=self.exclude,
-            trainable_only=self.trainable_only,
-            generator=generator,
-        )

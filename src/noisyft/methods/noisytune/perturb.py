@@ -1,6 +1,6 @@
 """NoisyTune: perturb the pretrained weights once, with noise scaled to each matrix, before fine-tuning.
 
-Pure torch: nothing here knows about a Trainer. Call :func:`noisytune_` (or ``NoisyTuneConfig.apply``)
+Pure torch: nothing here knows about a Trainer. Call :func:`noisytune_` (or :func:`apply_noisytune` with a ``NoisyTuneConfig``)
 on the model after it is loaded (and after PEFT adapters are attached, if any) and before the first step.
 """
 
@@ -17,7 +17,7 @@ from .config import NoisyTuneConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NoisyTuneConfig", "NoisyTuneRecord", "noisytune_", "summarize_records"]
+__all__ = ["NoisyTuneConfig", "NoisyTuneRecord", "apply_noisytune", "noisytune_", "summarize_records"]
 
 
 # Skip reasons written to `NoisyTuneRecord.skipped`.
@@ -220,3 +220,21 @@ def summarize_records(records: list[NoisyTuneRecord]) -> dict[str, float]:
         "mean_rel_change": sum(rel) / len(rel) if rel else 0.0,
         "max_rel_change": max(rel) if rel else 0.0,
     }
+
+
+def apply_noisytune(
+    config: NoisyTuneConfig, model: torch.nn.Module, generator: torch.Generator | None = None
+) -> list[NoisyTuneRecord]:
+    """Perturb ``model`` in place with ``config``'s settings; ``generator`` (if given) wins over ``config.seed``."""
+    if generator is None and config.seed is not None:
+        generator = torch.Generator().manual_seed(config.seed)
+    return noisytune_(
+        model,
+        lam=config.lam,
+        distribution=config.distribution,
+        mode=config.mode,
+        include=config.include,
+        exclude=config.exclude,
+        trainable_only=config.trainable_only,
+        generator=generator,
+    )

@@ -9,6 +9,8 @@ from typing import Any
 from noisyft._io import atomic_write_json
 from noisyft.methods.base import MethodPlugin
 
+from .perturb import apply_noisytune
+
 REPORT_FILE = "noisytune_report.json"
 
 
@@ -27,7 +29,7 @@ class NoisyTunePlugin(MethodPlugin):
         seed = self.config.seed if self.config.seed is not None else self.seed
         # Same seed on every rank: all replicas must start from the same perturbed weights.
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        self.records = self.config.apply(trainer.model, generator=generator)
+        self.records = apply_noisytune(self.config, trainer.model, generator=generator)
         if trainer.is_world_process_zero():
             self.save_report(os.path.join(trainer.args.output_dir, REPORT_FILE))
 
