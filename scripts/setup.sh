@@ -15,6 +15,16 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 PY="$VENV/bin/python"
 
+# `noisyft experiment`'s report test loads report.html in headless Chromium (Debian package `chromium`; tools
+# that download their own browser do not work offline). Installed when missing, as root with apt-get; without
+# it the set-up still succeeds and that one test is skipped.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium (headless browser for the experiment report test)"
+  { apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 \
+    || { apt-get update >/dev/null 2>&1 && apt-get install -y --no-install-recommends chromium >/dev/null 2>&1; }; } \
+    || echo "[setup] could not install chromium; the browser test will be skipped"
+fi
+
 stamp="$VENV/.noisyft-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && "$PY" -c "import noisyft, torch, trl" 2>/dev/null; then
   echo "[setup] environment up to date ($VENV)"
