@@ -18,9 +18,10 @@ import sys
 
 from . import __version__
 from .commands import eval as eval_command
+from .commands import experiment as experiment_command
 from .commands import train as train_command
 
-COMMANDS = {"train": train_command, "eval": eval_command}
+COMMANDS = {"train": train_command, "eval": eval_command, "experiment": experiment_command}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["experiment"]:  # its own parser (sub-commands run / work / report)
+        return experiment_command.run(argparse.Namespace(args=argv[1:]))
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

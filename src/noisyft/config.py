@@ -210,6 +210,11 @@ class TrainConfig:
         check_choice("data_format", self.data_format, DATA_FORMATS)
         check_choice("template", self.template, TEMPLATES)
         check_choice("packing_strategy", self.packing_strategy, PACKING_STRATEGIES)
+        if self.padding_free and not self.packing:
+            raise ValueError(
+                "padding_free without packing: TRL then does not enforce max_length; use --packing (TRL's bfd "
+                "packing is padding-free)"
+            )
         if not isinstance(self.sft_args, dict):
             raise ValueError(f"sft_args must be a mapping, got {type(self.sft_args).__name__}")
 
