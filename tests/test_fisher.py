@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from noisyft.methods.fisher.config import FisherConfig
 from noisyft.methods.fisher.penalty import (
-    FisherConfig,
     differentiable_attention,
     fisher_penalty,
     predicted_positions,

@@ -18,10 +18,9 @@ import sys
 
 from . import __version__
 from .commands import eval as eval_command
-from .commands import experiment as experiment_command
 from .commands import train as train_command
 
-COMMANDS = {"train": train_command, "eval": eval_command, "experiment": experiment_command}
+COMMANDS = {"train": train_command, "eval": eval_command}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,13 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for module in COMMANDS.values():
         module.add_parser(sub)
+    # listed for --help; `noisyft experiment ...` is routed before parsing (it has its own parser)
+    sub.add_parser(
+        "experiment", help="seeded grids / searches of train + eval runs, paired statistics, an HTML report"
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["experiment"]:  # its own parser (sub-commands run / work / report)
-        return experiment_command.run(argparse.Namespace(args=argv[1:]))
+        from .experiment.cli import main as experiment_main
+
+        return experiment_main(argv[1:])
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:

@@ -200,6 +200,10 @@ class TrainConfig:
         for name in ("max_examples", "eval_max_examples", "save_steps", "fisher_diagnostic_steps"):
             check_int(name, getattr(self, name), low=1, optional=True)
         check_int("max_steps", self.max_steps, low=-1)
+        if self.max_steps == 0:
+            raise ValueError(
+                "max_steps must be >= 1, or -1 to train for num_train_epochs (0 would save an untrained model)"
+            )
         check_int("seed", self.seed, low=0)
         check_number("num_train_epochs", self.num_train_epochs, low=0, low_open=True)
         check_number("learning_rate", self.learning_rate, low=0)

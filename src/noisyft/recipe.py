@@ -33,26 +33,25 @@ class TrainError(RuntimeError):
     """A run that cannot start or finish, with a message meant for the user (no stack trace needed)."""
 
 
-def _prepare_output_dir(cfg: TrainConfig) -> Path:
+def _prepare_output_dir(cfg: TrainConfig, *, is_main: bool = True) -> Path:
+    """The folder this run writes to (a staging folder when it replaces a finished run; see run_folder)."""
+    from .run_folder import RunFolderError, prepare
+
     if cfg.output_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         cfg.output_dir = os.path.join("outputs", f"{cfg.method.replace('+', '-')}-{stamp}")
     out = Path(cfg.output_dir)
-    resuming = cfg.resume_from_checkpoint is not None
-    ours = {"config.yaml", "run.json", "data_report.json", "noisytune_report.json", "tensorboard"}
-    if out.exists() and not (cfg.overwrite_output_dir or resuming):
-        present = {p.name for p in out.iterdir()}
-        if present - ours:
-            raise TrainError(
-                f"output folder {out} already holds {', '.join(sorted(present - ours))}; pass "
-                "--overwrite-output-dir or --resume-from-checkpoint, or choose another --output-dir"
-            )
-        if present:
-            logger.warning(
-                "%s holds files of an unfinished run (%s); they are replaced", out, ", ".join(sorted(present))
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    return out
+    if (
+        not is_main
+    ):  # rank 0 prepares the folder; the other ranks only write their own checkpoint files into it
+        stage = out.parent / f".{out.name}.staging"
+        return stage if stage.exists() else out
+    try:
+        return prepare(
+            out, overwrite=cfg.overwrite_output_dir, resuming=cfg.resume_from_checkpoint is not None
+        )
+    except RunFolderError as exc:
+        raise TrainError(str(exc)) from exc
 
 
 def _sft_config(cfg: TrainConfig, out: Path):
@@ -104,11 +103,48 @@ def _sft_config(cfg: TrainConfig, out: Path):
     }
     if cfg.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
+    _check_sft_arg_types(cfg.sft_args, SFTConfig)
     kwargs.update(cfg.sft_args)
     try:
         return SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainError(f"invalid training arguments: {exc}") from exc
+
+
+def _check_sft_arg_types(sft_args: dict[str, Any], cls: type) -> None:
+    """``--sft-arg KEY=VALUE`` values against SFTConfig's field types (the simple ones: numbers, booleans,
+    strings), so a wrong type fails here and not inside the training loop."""
+    import typing
+
+    from .settings import SettingsError, convert
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation transformers cannot resolve here: leave the check to SFTConfig
+        return
+    simple = {bool, int, float, str}
+    for key, value in sft_args.items():
+        tp = hints.get(key)
+        args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_args(tp) else [tp]
+        if not args or not all(a in simple for a in args):
+            continue
+        try:
+            if len(args) == 1:
+                convert(value, tp, where=f"--sft-arg {key}")
+            elif not any(_accepts(a, value) for a in args):
+                raise SettingsError(
+                    f"--sft-arg {key} expects {' or '.join(a.__name__ for a in args)}, got {value!r}"
+                )
+        except SettingsError as exc:
+            raise TrainError(str(exc)) from None
+
+
+def _accepts(tp: type, value: Any) -> bool:
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
 
 
 def _peft_config(cfg: TrainConfig):
@@ -127,9 +163,11 @@ def _peft_config(cfg: TrainConfig):
     )
 
 
-def _save_final_model(trainer, tokenizer, model_dir: Path) -> None:
-    """Write the trained model as a plain transformers folder, atomically (a killed run leaves no half model)."""
+def _save_final_model(trainer, tokenizer, model_dir: Path, stamp: dict[str, Any]) -> None:
+    """Write the trained model as a plain transformers folder, atomically (a killed run leaves no half model),
+    with the run's identity stamp inside."""
     from ._torch import unwrap_model
+    from .run_folder import MODEL_STAMP
 
     model = trainer.accelerator.unwrap_model(trainer.model)
     if hasattr(model, "merge_and_unload"):  # PEFT: merge the adapters so from_pretrained loads a full model
@@ -138,6 +176,7 @@ def _save_final_model(trainer, tokenizer, model_dir: Path) -> None:
     with atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        atomic_write_json(Path(tmp) / MODEL_STAMP, stamp)
 
 
 def _load_data(cfg: TrainConfig, tokenizer, out: Path) -> tuple[Any, Any, dict[str, Any]]:
@@ -248,66 +287,107 @@ def _use_bf16(cfg: TrainConfig) -> bool:
     return bool(amx and amx())
 
 
-def _build_trainer(**kwargs):
-    from .methods.base import MethodSetupError
-    from .trainer import NoisySFTTrainer
-
-    try:
-        return NoisySFTTrainer(**kwargs)
-    except MethodSetupError as exc:
-        raise TrainError(str(exc)) from exc
-
-
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Train one run into ``cfg.output_dir`` (see the module docstring for the folder layout)."""
+def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds, eval_ds, *, is_main: bool):
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
 
     from .methods.base import MethodSetupError
-    from .methods.fisher.penalty import FisherSetupError
-    from .settings import to_yaml
+    from .trainer import NoisySFTTrainer
 
-    started = time.time()
-    out = _prepare_output_dir(cfg)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    if is_main:
-        atomic_write_text(out / "config.yaml", to_yaml(cfg))
-        atomic_write_json(
-            out / "run.json",
-            {"versions": versions(), "started": datetime.now().isoformat(timespec="seconds")},
-        )
-    args = _sft_config(cfg, out)  # bad training arguments fail before anything heavy loads
-    resume = _resume_point(cfg, out)
-    model, tokenizer = _load_model(cfg)
-    train_ds, eval_ds, reports = _load_data(cfg, tokenizer, out)
-    if is_main:
-        atomic_write_json(out / "data_report.json", reports)
-
-    tb_dir = out / "tensorboard"
-    trainer = _build_trainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        processing_class=tokenizer,
-        peft_config=_peft_config(cfg),
-        callbacks=[TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(tb_dir)))] if is_main else None,
-        fisher_diagnostic_steps=cfg.fisher_diagnostic_steps,
-        **cfg.method_configs(),
+    callbacks = (
+        [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))] if is_main else None
     )
     try:
+        return NoisySFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            peft_config=_peft_config(cfg),
+            callbacks=callbacks,
+            fisher_diagnostic_steps=cfg.fisher_diagnostic_steps,
+            **cfg.method_configs(),
+        )
+    except MethodSetupError as exc:
+        raise TrainError(str(exc)) from exc
+
+
+def _check_data(cfg: TrainConfig) -> None:
+    """Read and validate every record (no tokenizer needed) so a bad file fails in seconds, not after the model
+    has loaded. The tokenized datasets are built later from the same records."""
+    from .data import BadRecordsError, load_conversations
+
+    sources = [(cfg.data, cfg.max_examples)]
+    if cfg.resolved_eval_data() is not None:
+        sources.append((cfg.resolved_eval_data(), cfg.eval_max_examples))
+    for source, limit in sources:
+        try:
+            load_conversations(
+                source, format=cfg.data_format, skip_bad_records=cfg.resolved_skip_bad_records(), limit=limit
+            )
+        except BadRecordsError as exc:
+            raise TrainError(
+                f"{exc}\n(pass --skip-bad-records to skip these records and report them)"
+            ) from exc
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"could not load data: {exc}") from exc
+
+
+def _write_start(out: Path, cfg: TrainConfig) -> dict[str, Any]:
+    """config.yaml and the run's identity (run.json), before anything heavy loads."""
+    from .run_folder import RUN_FILE, new_run_id, sha256_text
+    from .settings import to_yaml
+
+    text = to_yaml(cfg)
+    atomic_write_text(out / "config.yaml", text)
+    run = {
+        "run_id": new_run_id(),
+        "config_sha256": sha256_text(text),
+        "started": datetime.now().isoformat(timespec="seconds"),
+        "versions": versions(),
+    }
+    atomic_write_json(out / RUN_FILE, run)
+    return run
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train one run into ``cfg.output_dir`` (see the module docstring for the folder layout)."""
+    from .methods.base import MethodSetupError
+    from .methods.fisher.penalty import FisherSetupError
+    from .run_folder import RUN_FILE, fingerprint_examples, finish, model_stamp
+    from .trainer import NonFiniteError
+
+    started = time.time()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    work = _prepare_output_dir(cfg, is_main=is_main)
+    final = Path(cfg.output_dir)
+    run = _write_start(work, cfg) if is_main else {}
+    args = _sft_config(cfg, work)  # bad training arguments fail before anything heavy loads
+    resume = _resume_point(cfg, work)
+    _check_data(cfg)  # bad records fail before the model loads
+    model, tokenizer = _load_model(cfg)
+    train_ds, eval_ds, reports = _load_data(cfg, tokenizer, work)
+    if is_main:
+        run["train_data_sha256"] = fingerprint_examples(train_ds)
+        run["precision"] = "bf16 mixed" if args.bf16 else "fp32"
+        atomic_write_json(work / RUN_FILE, run)
+        atomic_write_json(work / "data_report.json", reports)
+    trainer = _build_trainer(cfg, work, model, tokenizer, args, train_ds, eval_ds, is_main=is_main)
+    try:
         train_output = trainer.train(resume_from_checkpoint=resume)
-    except (FisherSetupError, MethodSetupError) as exc:
+    except (FisherSetupError, MethodSetupError, NonFiniteError) as exc:
         raise TrainError(str(exc)) from exc
 
     metrics = _metrics(cfg, trainer, train_output, started, reports)
-    model_dir = out / "model"
     if trainer.is_world_process_zero():
+        metrics["run_id"] = run["run_id"]
         noisytune = trainer.plugin("noisytune")
         if noisytune is not None:
-            noisytune.save_report(str(out / "noisytune_report.json"))
-        _save_final_model(trainer, tokenizer, model_dir)
-        atomic_write_json(out / "metrics.json", metrics)
+            noisytune.save_report(str(work / "noisytune_report.json"))
+        _save_final_model(trainer, tokenizer, work / "model", model_stamp(run))
+        atomic_write_json(work / "metrics.json", metrics)
+        finish(work, final)
     summary = {
         "train_loss": round(metrics["train"].get("train_loss", float("nan")), 4),
         "steps": trainer.state.global_step,
@@ -316,10 +396,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if "eval" in metrics:
         summary["heldout_loss"] = round(metrics["eval"].get("eval_loss", float("nan")), 4)
     return {
-        "output_dir": str(out),
-        "model_dir": str(model_dir),
-        "config_path": str(out / "config.yaml"),
-        "metrics_path": str(out / "metrics.json"),
-        "tensorboard_dir": str(tb_dir),
+        "output_dir": str(final),
+        "model_dir": str(final / "model"),
+        "config_path": str(final / "config.yaml"),
+        "metrics_path": str(final / "metrics.json"),
+        "tensorboard_dir": str(final / "tensorboard"),
         "summary": summary,
     }

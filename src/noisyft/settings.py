@@ -292,6 +292,26 @@ def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
+class _Bool(argparse.Action):
+    """``--flag`` (true), ``--no-flag`` (false) or ``--flag VALUE`` (true/false/yes/no/1/0, none for an optional
+    setting's default), so a resolved YAML value can be given back as a flag."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        options = list(option_strings)
+        for opt in option_strings:
+            options.append("--no-" + opt[2:])
+        super().__init__(options, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            if values is not None:
+                parser.error(f"{option_string} takes no value")
+            value: Any = False
+        else:
+            value = True if values is None else values
+        setattr(namespace, self.dest, value)
+
+
 class _KeyValue(argparse.Action):
     """``--sft-arg KEY=VALUE`` (repeatable): VALUE is read as YAML, so numbers and booleans keep their type."""
 
@@ -358,9 +378,7 @@ def _add_fields(parser, group, cls: type, *, prefix: str) -> None:
         flags = list(dict.fromkeys(flags))
         base, _ = _unwrap_optional(tp)
         if base is bool:
-            group.add_argument(
-                *flags, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
+            group.add_argument(*flags, dest=dest, action=_Bool, default=None, metavar="BOOL", help=help_text)
         elif typing.get_origin(base) is dict or base is dict:
             group.add_argument(
                 *flags, dest=dest, action=_KeyValue, default=None, metavar="KEY=VALUE", help=help_text

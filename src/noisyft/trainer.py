@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from .methods import REGISTRY
@@ -53,6 +54,33 @@ def _setup_errors(plugin: MethodPlugin):
         raise MethodSetupError(f"{plugin.name}: {exc}") from exc
 
 
+class NonFiniteError(RuntimeError):
+    """The training loss or gradient became nan / inf: the run stops before the optimizer applies it."""
+
+
+class _NonFiniteGuard(TrainerCallback):
+    """Before every optimizer step: the micro-batch losses and the gradient must be finite, or training stops with
+    an error naming the step. The weights are then still the last good ones; no checkpoint or model is written
+    from a non-finite step. One host sync per optimizer step."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        grads = [p.grad for p in t.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+        bad_loss = t._noisyft_bad_loss
+        t._noisyft_bad_loss = None
+        if bool(not torch.isfinite(norm)) or (bad_loss is not None and bool(bad_loss)):
+            what = "loss" if bad_loss is not None and bool(bad_loss) else "gradient"
+            raise NonFiniteError(
+                f"the training {what} became nan/inf at step {state.global_step + 1}; stopped before the optimizer "
+                "step (the last checkpoint, if any, is intact; no model was written). Lower the learning rate or "
+                "the noise, or check the data."
+            )
+
+
 class NoisyTrainerMixin:
     """Attaches noisyft's methods to a ``transformers.Trainer`` subclass: ``class T(NoisyTrainerMixin, Trainer)``.
 
@@ -77,6 +105,14 @@ class NoisyTrainerMixin:
         for plugin in self.noisyft_plugins:
             with _setup_errors(plugin):
                 plugin.on_init(self)
+        self._noisyft_bad_loss: torch.Tensor | None = None
+        self.add_callback(_NonFiniteGuard(self))
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        bad = ~torch.isfinite(loss.detach())  # kept on the device: checked once per optimizer step
+        self._noisyft_bad_loss = bad if self._noisyft_bad_loss is None else (self._noisyft_bad_loss | bad)
+        return loss
 
     def plugin(self, name: str) -> MethodPlugin | None:
         """The attached plug-in of method ``name`` (``"neftune"``, ...), or None."""

@@ -60,6 +60,12 @@ def resolve_target(cfg: EvalConfig) -> dict[str, Any]:
     if (target / "config.yaml").is_file():
         if not (target / "model").is_dir():
             raise EvalError(f"{target} looks like a run folder but has no model/ (did the run finish?)")
+        from noisyft.run_folder import RunFolderError, check_run_folder
+
+        try:
+            check_run_folder(target)
+        except RunFolderError as exc:
+            raise EvalError(str(exc)) from None
         run = read_run_config(target)
         model = str(target / "model")
     elif target.is_dir() and (target / "model").is_dir():

@@ -22,7 +22,7 @@ import io
 import math
 from typing import Any
 
-from .report import all_metrics, diff_cell, metric_cell
+from .cells import all_metrics, diff_cell, metric_cell
 from .results import TrialResult
 
 CURVE_KEYS = ("loss", "grad_norm")

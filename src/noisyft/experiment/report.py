@@ -22,6 +22,7 @@ from typing import Any
 
 from noisyft._io import atomic_write_json, atomic_write_text
 
+from .cells import _fmt, all_metrics, diff_cell, metric_cell
 from .results import TrialResult, read_trials
 from .stats import mean_std, paired_bootstrap, paired_pairs
 
@@ -114,37 +115,6 @@ def _diff(metric: str, mine: list[TrialResult], base: list[TrialResult], seed: i
     result = paired_bootstrap(xs, ys, seed=seed)
     result["pairs"] = how
     return result
-
-
-def _fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def metric_cell(entry: dict[str, Any]) -> str:
-    if entry.get("std") is None:
-        return f"{_fmt(entry['mean'])} (n={entry['n']})"
-    return f"{_fmt(entry['mean'])} ± {_fmt(entry['std'], 2)} (n={entry['n']})"
-
-
-def diff_cell(diff: dict[str, Any] | None) -> str:
-    if not diff or diff.get("estimate") is None:
-        return "–"
-    if diff.get("ci_low") is None:
-        return f"{diff['estimate']:+.4g} (no interval: {diff['n']} pair)"
-    return f"{diff['estimate']:+.4g} [{diff['ci_low']:+.4g}, {diff['ci_high']:+.4g}] ({diff['n']} {diff['pairs']})"
-
-
-def all_metrics(summary: dict[str, Any]) -> list[str]:
-    seen: list[str] = []
-    for v in summary["variants"].values():
-        for m in v["metrics"]:
-            if m not in seen:
-                seen.append(m)
-    return sorted(seen)
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
