@@ -40,7 +40,7 @@ def _cli(*argv, env=None):
 
 
 def _train(inputs, out, *extra, data=None):
-    root, model_dir, default_data = inputs
+    _, model_dir, default_data = inputs
     return _cli(
         "train",
         "--model",
