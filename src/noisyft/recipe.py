@@ -15,6 +15,7 @@ Run folder layout (everything a later report needs, as files)::
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -294,9 +295,11 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
     from .methods.base import MethodSetupError
     from .trainer import NoisySFTTrainer
 
-    callbacks = (
-        [TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))] if is_main else None
-    )
+    callbacks = None
+    if is_main:
+        tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))
+        tensorboard.logging_dir = str(out / "tensorboard")  # where it reopens after train(): the held-out loss
+        callbacks = [tensorboard]
     try:
         return NoisySFTTrainer(
             model=model,
@@ -386,6 +389,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if noisytune is not None:
             noisytune.save_report(str(work / "noisytune_report.json"))
         _save_final_model(trainer, tokenizer, work / "model", model_stamp(run))
+        with contextlib.suppress(OSError):  # the trainer creates it even when it saves no checkpoint
+            (work / "checkpoints").rmdir()
         atomic_write_json(work / "metrics.json", metrics)
         finish(work, final)
     summary = {
