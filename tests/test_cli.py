@@ -74,7 +74,8 @@ def test_train_end_to_end_writes_a_complete_run_folder(tiny_run_inputs, tmp_path
     again = resolve_train_config(build_parser().parse_args(["train", "--config", str(out / "config.yaml")]))
     assert again.model == str(model_dir) and again.max_steps == 3 and again.eval_max_examples == 8
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert not (out / "checkpoints").exists()  # no --save-steps: no checkpoints folder and no stray logs in it
+    # no --save-steps: no checkpoints folder, and no stray logs in one
+    assert not (out / "checkpoints").exists()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tags = set()

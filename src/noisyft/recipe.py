@@ -298,7 +298,8 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
     callbacks = None
     if is_main:
         tensorboard = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(out / "tensorboard")))
-        tensorboard.logging_dir = str(out / "tensorboard")  # where it reopens after train(): the held-out loss
+        # where it reopens after train(), for the held-out loss
+        tensorboard.logging_dir = str(out / "tensorboard")
         callbacks = [tensorboard]
     try:
         return NoisySFTTrainer(
