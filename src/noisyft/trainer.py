@@ -22,8 +22,8 @@ import os
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
-from trl import SFTTrainer
+from transformers import Trainer, TrainerCallback
+from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
 from .methods import REGISTRY
 from .methods.base import MethodPlugin, MethodSetupError
@@ -89,10 +89,25 @@ class NoisyTrainerMixin:
     noise-free Fisher-trace estimate every N steps in any run. Other arguments go to the trainer unchanged.
     """
 
+    # A trainer whose loss is a token-level cross-entropy on labelled tokens (SFT, plain LM training). Trainers
+    # with another loss (DPO, KTO) set this to False: the methods that replace or extend that loss are refused.
+    noisyft_token_loss: bool = True
+
     def __init__(self, *args, fisher_diagnostic_steps: int | None = None, **kwargs):
         configs = {n: _config_for(n, kwargs.pop(n)) for n in REGISTRY if kwargs.get(n) is not None}
         for n in REGISTRY:
             kwargs.pop(n, None)
+        if not self.noisyft_token_loss:
+            for n in configs:
+                if REGISTRY[n].needs_labels or "loss" in REGISTRY[n].slots:
+                    raise MethodSetupError(
+                        f"{n} ({REGISTRY[n].lifecycle}) needs a token-level loss with labels, which "
+                        f"{type(self).__name__} does not have; use it with NoisySFTTrainer / NoisyTrainer"
+                    )
+            if fisher_diagnostic_steps is not None:
+                raise MethodSetupError(
+                    f"fisher_diagnostic_steps needs token labels, which {type(self).__name__} lacks"
+                )
         super().__init__(*args, **kwargs)
         seed, rank = self.args.seed, self.args.process_index
         self.noisyft_plugins: list[MethodPlugin] = [
@@ -223,3 +238,23 @@ class NoisySFTTrainer(NoisyTrainerMixin, SFTTrainer):
             gradient to the parameters, to watch curvature during any run (plain, NEFTune, Fisher).
         *args, **kwargs: passed to ``trl.SFTTrainer`` unchanged; any other registered method by its name.
     """
+
+
+class NoisyTrainer(NoisyTrainerMixin, Trainer):
+    """``transformers.Trainer`` plus noisyft's methods (same keyword arguments as :class:`NoisySFTTrainer`)."""
+
+
+class NoisyDPOTrainer(NoisyTrainerMixin, DPOTrainer):
+    """``trl.DPOTrainer`` plus noisyft's methods that do not change the loss (NEFTune, NoisyTune, Mixout, RecAdam).
+
+    Noise reaches only the policy's training forward that records gradients: the reference log-probabilities
+    (an adapter-disabled PEFT model, a separate reference model, or precomputed ones) are computed without
+    gradients and get none, and neither do generation and evaluation."""
+
+    noisyft_token_loss = False
+
+
+class NoisyKTOTrainer(NoisyTrainerMixin, KTOTrainer):
+    """``trl.KTOTrainer`` plus noisyft's methods that do not change the loss (see :class:`NoisyDPOTrainer`)."""
+
+    noisyft_token_loss = False
