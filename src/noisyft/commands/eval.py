@@ -56,6 +56,10 @@ def run(ns: argparse.Namespace) -> int:
     if ns.eval_command is None:
         return _cli.fail("eval", "choose one of: " + ", ".join(COMMANDS), _cli.USAGE_ERROR)
     command = f"eval {ns.eval_command}"
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _cli.fail(
+            command, "runs in one process; start it without torchrun / accelerate launch", _cli.USAGE_ERROR
+        )
     cls = COMMANDS[ns.eval_command][0]
     cfg, code = _cli.settings_or_exit(command, ns, cls)
     if cfg is None:

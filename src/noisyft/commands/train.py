@@ -45,6 +45,8 @@ def run(ns: argparse.Namespace) -> int:
         result = run_train(cfg)
     except TrainError as exc:
         return _cli.fail("train", exc)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate: one summary, from rank 0
+        return 0
     print()
     print(f"Run folder:  {result['output_dir']}")
     print(f"  model:     {result['model_dir']}  (AutoModelForCausalLM.from_pretrained)")
