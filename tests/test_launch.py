@@ -177,3 +177,49 @@ def test_fsdp2_on_cpu_matches_ddp_and_keeps_per_rank_noise(tmp_path):
     ckpt = tmp_path / "fsdp-neftune" / "checkpoints" / "checkpoint-2"
     states = [torch.load(ckpt / f"noisyft_neftune_rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert states[0]["seed"] != states[1]["seed"]  # each rank draws its own noise
+
+
+@pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed")
+def test_deepspeed_zero2_on_cpu_matches_ddp(tmp_path):
+    """DeepSpeed ZeRO-2 through transformers' integration (`pip install noisyft[deepspeed]`), two CPU processes:
+    the same losses as DDP. Skipped where deepspeed is not installed."""
+    pytest.importorskip("deepspeed")
+    model_dir, data = tmp_path / "m", tmp_path / "data.jsonl"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    data.write_text(
+        "".join(
+            json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"})
+            + "\n"
+            for i in range(16)
+        )
+    )
+    zero2 = tmp_path / "zero2.json"
+    zero2.write_text(
+        json.dumps(
+            {
+                "zero_optimization": {"stage": 2},
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "train_batch_size": "auto",
+                "gradient_clipping": "auto",
+            }
+        )
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    losses = {}
+    for name, extra in (("ddp", []), ("zero2", ["--sft-arg", f"deepspeed={zero2}"])):
+        argv = [*_args(model_dir, data, tmp_path / name, 2), "--logging-steps", "1", *extra]
+        proc = subprocess.run(
+            [_torchrun(), "--nproc_per_node", "2", "-m", "noisyft.cli", *argv],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+            cwd=tmp_path,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        history = json.loads((tmp_path / name / "metrics.json").read_text())["log_history"]
+        losses[name] = [h["loss"] for h in history if "loss" in h]
+    assert len(losses["ddp"]) == 3
+    assert losses["zero2"] == pytest.approx(losses["ddp"], abs=1e-4)

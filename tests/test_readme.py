@@ -44,7 +44,11 @@ def test_the_readme_has_snippets_and_commands():
 
 @pytest.mark.parametrize("index", range(len(PYTHON)))
 def test_python_snippet_runs_as_written(index, tmp_path, monkeypatch):
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
+    from trl import DPOConfig
+
+    from test_preference_trainers import _preference_data
 
     monkeypatch.chdir(tmp_path)
     tiny_llama().save_pretrained(tmp_path / "tiny")
@@ -54,6 +58,10 @@ def test_python_snippet_runs_as_written(index, tmp_path, monkeypatch):
         "ds": _dataset(n=8),
         "embeds": torch.randn(2, 5, 16),
         "mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        # the DPO snippet's: preference pairs, DPO arguments, a LoRA config
+        "pairs": _preference_data(),
+        "dpo_args": DPOConfig(output_dir="dpo", use_cpu=True, bf16=False, max_length=32, report_to="none"),
+        "lora": LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
     }
     exec(compile(PYTHON[index], f"README.md python block {index + 1}", "exec"), namespace)
 
