@@ -140,3 +140,29 @@ def test_eval_judge_cli_with_a_local_judge(tiny_eval_inputs, tmp_path, capsys):
     assert summary["counts"].get("win", 0) == 0
     captured = capsys.readouterr()
     assert "win_rate" in captured.out and "could not judge any of the 2 pairs" in captured.err
+
+
+def test_eval_of_a_run_uses_all_its_records_and_overwrite_replaces_results_whole(tiny_eval_inputs, tmp_path):
+    """A run trained with max_examples none is evaluated on every record (not the default 48 / a subset), and
+    `--overwrite` leaves nothing of the previous results (no stale ablations beside fresh ones)."""
+    model_dir, data, _ = tiny_eval_inputs
+    run = tmp_path / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output-dir", str(run)]
+    assert main([*argv, "--max-steps", "1", "--eval-data", "none", "--max-examples", "none"]) == 0
+    # a record the run's settings must pick up as training data: max_examples None means all 7
+    with data.open("a") as f:
+        f.write(json.dumps({"instruction": "w9 w8", "input": "", "output": "w7"}) + "\n")
+    from noisyft.eval.config import EvalConfig
+    from noisyft.eval.recipe import resolve_target
+
+    info = resolve_target(EvalConfig(target=str(run)))
+    assert info["train_max_examples"] is None and info["train_data"] == str(data)
+
+    ev = ["eval", "run", str(run), "--analyses", "loss", "--heldout", "none"]
+    assert main(ev) == 0
+    loss = json.loads((run / "eval" / "loss.json").read_text())
+    assert loss["train"]["n_examples"] == 7
+    (run / "eval" / "ablations.json").write_text("{}")  # a stale file from an earlier evaluation
+    assert main(ev) == 1  # results exist: refused without --overwrite
+    assert main([*ev, "--overwrite"]) == 0
+    assert not (run / "eval" / "ablations.json").exists()

@@ -155,6 +155,8 @@ def convert(value: Any, tp: Any, *, where: str) -> Any:
         if origin is list:
             (item,) = typing.get_args(base) or (Any,)
             items = split_list(value)
+            if len(items) == 1 and isinstance(items[0], str) and items[0].lower() in ("none", "null"):
+                return []  # `--heldout none`: an empty list
             return [convert(v, item, where=f"{where}[{i}]") for i, v in enumerate(items)]
         if origin is dict or base is dict:
             if not isinstance(value, Mapping):
