@@ -234,8 +234,15 @@ class NEFTuneHook:
             return None
         L = output.shape[1]
         batch = {k: v for k, v in self._batch.items() if v is not None and v.shape[-1] == L}
-        noise = neftune_noise(
-            output,
+        noise = self.noise(output, batch)  # (B, L, d)
+        self._record(output, noise)
+        self.calls += 1
+        return output + noise
+
+    def noise(self, embeds: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The noise for one batch of embeddings (subclasses draw another kind through the same hook)."""
+        return neftune_noise(
+            embeds,
             alpha=self.config.alpha,
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
@@ -243,11 +250,8 @@ class NEFTuneHook:
             response_only=self.config.response_only,
             distribution=self.config.distribution,
             scale=self.config.scale,
-            generator=None if self.config.use_global_rng else self._generator(output.device),
+            generator=None if self.config.use_global_rng else self._generator(embeds.device),
         )
-        self._record(output, noise)
-        self.calls += 1
-        return output + noise
 
     # -- generator and its state ---------------------------------------------------------------------------
     def _generator(self, device: torch.device) -> torch.Generator:

@@ -17,24 +17,17 @@ from .noise import symmetric_pair_batch, symnoise_noise
 class _OneCopyHook(NEFTuneHook):
     """NEFTune's hook machinery (batch capture, train-only, checkpointed stream) drawing SymNoise's signs."""
 
-    def _add_noise(self, module, inputs, output):
-        if not (module.training and torch.is_grad_enabled()) or self.config.alpha == 0:
-            return None
-        L = output.shape[1]
-        batch = {k: v for k, v in self._batch.items() if v is not None and v.shape[-1] == L}
-        noise = symnoise_noise(
-            output,
+    def noise(self, embeds, batch):
+        return symnoise_noise(
+            embeds,
             alpha=self.config.alpha,
             attention_mask=batch.get("attention_mask"),
             position_ids=batch.get("position_ids"),
             labels=batch.get("labels"),
             response_only=self.config.response_only,
             scale=self.config.scale,
-            generator=self._generator(output.device),
+            generator=self._generator(embeds.device),
         )
-        self._record(output, noise)
-        self.calls += 1
-        return output + noise
 
 
 class SymNoisePlugin(MethodPlugin):
