@@ -188,3 +188,29 @@ def test_bad_values_are_rejected_by_the_configs():
     ):
         with pytest.raises(ValueError):
             make()
+
+
+def test_symnoise_one_copy_hook_trains_and_keeps_padding_clean(tmp_path):
+    """pair=False: one noisy copy through the embedding hook; exactly +/- alpha/sqrt(L d) per entry."""
+    trainer = _trainer(tmp_path, symnoise=SymNoiseConfig(alpha=4.0, pair=False, seed=1))
+    hook = trainer.plugin("symnoise").hook
+    seen = []
+    original = hook.noise
+
+    def spy(embeds, batch):
+        noise = original(embeds, batch)
+        seen.append((noise.detach(), batch.get("attention_mask")))
+        return noise
+
+    hook.noise = spy
+    trainer.train()
+    assert seen
+    noise, mask = seen[0]
+    lengths = mask.sum(1, keepdim=True).float()  # (B, 1)
+    expected = 4.0 / torch.sqrt(lengths * noise.shape[-1])  # (B, 1)
+    real = mask.bool()
+    assert torch.allclose(
+        noise.abs()[real], expected.expand_as(mask)[real].unsqueeze(-1).expand(-1, noise.shape[-1])
+    )
+    assert torch.all(noise[~real] == 0)
+    assert any("symnoise/noise_to_embed_norm" in h for h in trainer.state.log_history)

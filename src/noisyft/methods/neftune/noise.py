@@ -195,13 +195,10 @@ class NEFTuneHook:
             embedding.register_forward_hook(self._add_noise),
         ]
         logger.info(
-            "NEFTune attached to %s.%s: alpha=%s, distribution=%s, scale=%s, response_only=%s",
+            "embedding noise attached to %s.%s: %s",
             type(base).__name__,
             type(embedding).__name__,
-            self.config.alpha,
-            self.config.distribution,
-            self.config.scale,
-            self.config.response_only,
+            self.config,
         )
         return self
 
