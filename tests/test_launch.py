@@ -23,6 +23,18 @@ def _torchrun() -> str | None:
     return str(path) if path.exists() else shutil.which("torchrun")
 
 
+def _inputs(tmp_path, n: int):
+    """A tiny model folder and n Alpaca records."""
+    model_dir, data = tmp_path / "m", tmp_path / "data.jsonl"
+    tiny_llama().save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    rows = (
+        {"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"} for i in range(n)
+    )
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
 def _args(model_dir, data, out, batch):
     return [
         "train",
@@ -57,16 +69,7 @@ def _args(model_dir, data, out, batch):
 def test_torchrun_of_the_command_is_one_ddp_run(tmp_path):
     from safetensors.torch import load_file
 
-    model_dir, data = tmp_path / "m", tmp_path / "data.jsonl"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data.write_text(
-        "".join(
-            json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"})
-            + "\n"
-            for i in range(16)
-        )
-    )
+    model_dir, data = _inputs(tmp_path, 16)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
         [
@@ -123,16 +126,7 @@ def test_fsdp2_on_cpu_matches_ddp_and_keeps_per_rank_noise(tmp_path):
     every step (1e-5), plain and with the Fisher penalty; with NEFTune every rank saves its own noise stream."""
     import time
 
-    model_dir, data = tmp_path / "m", tmp_path / "data.jsonl"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data.write_text(
-        "".join(
-            json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"})
-            + "\n"
-            for i in range(24)
-        )
-    )
+    model_dir, data = _inputs(tmp_path, 24)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def launch(out, *extra):
@@ -184,16 +178,7 @@ def test_deepspeed_zero2_on_cpu_matches_ddp(tmp_path):
     """DeepSpeed ZeRO-2 through transformers' integration (`pip install noisyft[deepspeed]`), two CPU processes:
     the same losses as DDP. Skipped where deepspeed is not installed."""
     pytest.importorskip("deepspeed")
-    model_dir, data = tmp_path / "m", tmp_path / "data.jsonl"
-    tiny_llama().save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    data.write_text(
-        "".join(
-            json.dumps({"instruction": f"write hello w{i}", "input": "", "output": "hello world w1 w2"})
-            + "\n"
-            for i in range(16)
-        )
-    )
+    model_dir, data = _inputs(tmp_path, 16)
     zero2 = tmp_path / "zero2.json"
     zero2.write_text(
         json.dumps(

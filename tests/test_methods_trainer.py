@@ -55,7 +55,7 @@ def test_symnoise_pair_loss_is_the_mean_of_the_two_noisy_copies(tmp_path):
     model, plugin = trainer.model, trainer.plugin("symnoise")
     loss, grads = _loss_and_grads(trainer, inputs, lambda b: trainer.compute_loss(model, b))
 
-    gen = torch.Generator().manual_seed(plugin._seed)  # the same stream, from its start
+    gen = torch.Generator().manual_seed(plugin.stream.seed)  # the same stream, from its start
     mask, labels = inputs["attention_mask"], inputs["labels"]
 
     def by_hand(batch):
@@ -91,7 +91,7 @@ def test_lnsr_step_is_loss_plus_coef_times_penalty(tmp_path):
     model, plugin = trainer.model, trainer.plugin("lnsr")
     loss, grads = _loss_and_grads(trainer, inputs, lambda b: trainer.compute_loss(model, b))
 
-    gen = torch.Generator().manual_seed(plugin._seed)
+    gen = torch.Generator().manual_seed(plugin.stream.seed)
 
     def by_hand(batch):
         ce = SFTTrainer.compute_loss(trainer, model, batch)

@@ -29,3 +29,29 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
         else:
             break
     return model
+
+
+class SeededStream:
+    """A dedicated random stream: a ``torch.Generator`` made on first use on the tensors' device, seeded once, whose
+    state is saved with a checkpoint (:meth:`state_dict`) and restored on resume (:meth:`load_state_dict`)."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+        self._pending: torch.Tensor | None = None
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._pending is not None:
+                self._generator.set_state(self._pending)
+                self._pending = None
+        return self._generator
+
+    def state_dict(self) -> dict | None:
+        return None if self._generator is None else {"generator_state": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is not None:
+            self._pending = state["generator_state"]
+            self._generator = None

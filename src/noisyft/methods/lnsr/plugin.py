@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from noisyft._torch import rank_seed
+from noisyft._torch import SeededStream, rank_seed
 from noisyft.methods.base import MethodPlugin
 
 from .penalty import decoder_and_layers, lnsr_penalty
@@ -20,9 +20,9 @@ class LNSRPlugin(MethodPlugin):
 
     def __init__(self, config, *, seed: int, rank: int):
         super().__init__(config, seed=seed, rank=rank)
-        self._seed = rank_seed(config.seed if config.seed is not None else seed, rank, stream="lnsr")
-        self._generator: torch.Generator | None = None
-        self._pending: torch.Tensor | None = None
+        self.stream = SeededStream(
+            rank_seed(config.seed if config.seed is not None else seed, rank, stream="lnsr")
+        )
         self._logs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def on_init(self, trainer) -> None:
@@ -39,14 +39,6 @@ class LNSRPlugin(MethodPlugin):
             raise ValueError(
                 f"LNSR layers {bad} are not in [{self.config.layer}, {n - 1}] (after the noisy layer)"
             )
-
-    def _gen(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self._seed)
-            if self._pending is not None:
-                self._generator.set_state(self._pending)
-                self._pending = None
-        return self._generator
 
     def compute_loss(self, trainer, model, inputs, *, return_outputs, num_items_in_batch, default):
         cfg = self.config
@@ -73,7 +65,7 @@ class LNSRPlugin(MethodPlugin):
             sigma=cfg.sigma,
             layers=cfg.layers,
             response_only=cfg.response_only,
-            generator=self._gen(loss.device),
+            generator=self.stream(loss.device),
             clean_hidden=hidden,
         )
         if (
@@ -98,9 +90,8 @@ class LNSRPlugin(MethodPlugin):
         }
 
     def state_dict(self) -> dict[str, Any] | None:
-        return None if self._generator is None else {"generator_state": self._generator.get_state()}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state, *, checkpoint: str) -> None:
         if state is not None:
-            self._pending = state["generator_state"]
-            self._generator = None
+            self.stream.load_state_dict(state)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from noisyft._torch import rank_seed, unwrap_model
+from noisyft._torch import SeededStream, rank_seed, unwrap_model
 from noisyft.methods.base import MethodPlugin
 from noisyft.methods.neftune.noise import NEFTuneHook
 
@@ -38,12 +38,10 @@ class SymNoisePlugin(MethodPlugin):
     def __init__(self, config, *, seed: int, rank: int):
         super().__init__(config, seed=seed, rank=rank)
         base = config.seed if config.seed is not None else seed
-        self._seed = rank_seed(base, rank, stream="symnoise")
+        self.stream = SeededStream(rank_seed(base, rank, stream="symnoise"))
         self.hook = _OneCopyHook(config, seed=base, rank=rank) if not config.pair else None
         if self.hook is not None:
-            self.hook.seed = self._seed
-        self._generator: torch.Generator | None = None
-        self._pending: torch.Tensor | None = None
+            self.hook.seed = self.stream.seed
         self._ratio: list[torch.Tensor] = []
 
     def before_train(self, trainer, model, *, fresh: bool) -> None:
@@ -53,14 +51,6 @@ class SymNoisePlugin(MethodPlugin):
     def after_train(self, trainer, model) -> None:
         if self.hook is not None:
             self.hook.detach()
-
-    def _gen(self, device: torch.device) -> torch.Generator:
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device).manual_seed(self._seed)
-            if self._pending is not None:
-                self._generator.set_state(self._pending)
-                self._pending = None
-        return self._generator
 
     def compute_loss(self, trainer, model, inputs, *, return_outputs, num_items_in_batch, default):
         if self.hook is not None or "input_ids" not in inputs:
@@ -75,7 +65,7 @@ class SymNoisePlugin(MethodPlugin):
             labels=inputs.get("labels"),
             response_only=cfg.response_only,
             scale=cfg.scale,
-            generator=self._gen(embeds.device),
+            generator=self.stream(embeds.device),
         )  # (B, L, d)
         with torch.no_grad():
             ratio = delta.norm(dim=-1) / embeds.norm(dim=-1).clamp_min(1e-12)  # (B, L)
@@ -105,7 +95,7 @@ class SymNoisePlugin(MethodPlugin):
     def state_dict(self) -> dict[str, Any] | None:
         if self.hook is not None:
             return self.hook.state_dict()
-        return None if self._generator is None else {"generator_state": self._generator.get_state()}
+        return self.stream.state_dict()
 
     def load_state_dict(self, state, *, checkpoint: str) -> None:
         if state is None:
@@ -113,5 +103,4 @@ class SymNoisePlugin(MethodPlugin):
         if self.hook is not None:
             self.hook.load_state_dict(state)
         else:
-            self._pending = state["generator_state"]
-            self._generator = None
+            self.stream.load_state_dict(state)
