@@ -90,6 +90,48 @@ def test_gradient_flows_to_the_layers():
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
+def test_layers_below_the_noise_are_not_recomputed_and_the_gradient_is_the_full_recomputations():
+    """With the noise at layer k > 0 the noisy forward starts at the clean x_k: layers below k run once (in the
+    main forward), and every parameter's gradient equals that of two complete forwards computed by hand."""
+    model = tiny_llama(layers=3)
+    ids, mask = _batch()
+    k, sigma, seed = 2, 0.4, 3
+    calls = []
+    handles = [
+        block.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+        for i, block in enumerate(model.model.layers)
+    ]
+    out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    ours = lnsr_penalty(
+        model, attention_mask=mask, layer=k, sigma=sigma, clean_hidden=out.hidden_states,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    for handle in handles:
+        handle.remove()
+    assert calls == [0, 1, 2, 2]  # main forward: 0, 1, 2; the noisy one: layer 2 only
+    ours.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    eps = torch.randn((2, 7, model.config.hidden_size), generator=torch.Generator().manual_seed(seed))
+    eps = eps * sigma * mask[..., None]
+    clean = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    handle = model.model.layers[k].register_forward_pre_hook(
+        lambda m, args, kwargs: ((args[0] + eps, *args[1:]), kwargs), with_kwargs=True
+    )
+    noisy = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    handle.remove()
+    w = mask[..., None].float()
+    expected = ((noisy[k + 1] - clean[k + 1]).pow(2) * w).sum() / mask.sum()
+    torch.testing.assert_close(ours, expected)
+    expected.backward()
+    assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0  # reached through x_k
+    for name, param in model.named_parameters():
+        if param.grad is not None or name in got:
+            torch.testing.assert_close(got[name], param.grad, msg=name)
+    assert all("forward" not in block.__dict__ for block in model.model.layers)  # the skip is removed
+
+
 def test_padding_is_excluded():
     model = tiny_llama(layers=2)
     ids, mask = _batch()

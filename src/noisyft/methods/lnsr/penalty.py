@@ -17,8 +17,9 @@ dimensions and a mean over real tokens, so it does not grow with the batch or se
 decoder's ``hidden_states[l + 1]`` (transformers' convention; the last entry is after the final norm), for both
 forwards. Padding gets no noise and no weight (and, masked out of attention, cannot reach the real tokens).
 
-Cost: one extra forward (and its backward) of the decoder without the LM head when ``clean_hidden`` comes from the
-main forward (``output_hidden_states=True``); two extra forwards otherwise. The penalty's gradient flows through
+Cost: one extra forward (and its backward) of decoder layers ``k .. n-1`` (the layers below ``k`` are not
+recomputed: layer ``k`` is fed ``x_k + eps`` with ``x_k`` taken from the clean forward), without the LM head, when
+``clean_hidden`` comes from the main forward (``output_hidden_states=True``); one more clean forward otherwise. The penalty's gradient flows through
 both branches when the clean hidden states carry a graph (the paper's regularizer is a function of both).
 
 The noisy forward starts from ``clean_hidden[0]`` (the decoder's input embeddings in the clean forward) passed as
@@ -122,18 +123,30 @@ def lnsr_penalty(
     )  # (B, L, d)
     noise = (noise * (sigma * weights).unsqueeze(-1)).to(embeds.dtype)
 
+    # Layer k's input in the noisy forward is the clean x_k + eps. The layers below k would only recompute x_k
+    # (the same function of the same input), so they are skipped: each returns its input unchanged, and layer k
+    # gets clean_hidden[k] itself, which keeps the gradient path into the layers below through the clean graph.
+    x_k = clean_hidden[layer]  # (B, L, d)
+
     def add_noise(module, args, kwargs):
         if args:
-            return (args[0] + noise, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + noise}
+            return (x_k + noise, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": x_k + noise}
+
+    def skip(hidden_states=None, *args, **kwargs):
+        return hidden_states
 
     handle = blocks[layer].register_forward_pre_hook(add_noise, with_kwargs=True)
+    for block in blocks[:layer]:
+        block.forward = skip  # an instance attribute over the class's forward; removed below
     try:
         noisy_hidden = decoder(
             inputs_embeds=embeds, output_hidden_states=True, **forward_kwargs
         ).hidden_states
     finally:
         handle.remove()
+        for block in blocks[:layer]:
+            del block.forward
     total = embeds.new_zeros((), dtype=torch.float32)
     for index in chosen:
         diff = noisy_hidden[index + 1].float() - clean_hidden[index + 1].float()  # (B, L, d)
