@@ -225,7 +225,7 @@ def test_gradient_checkpointing_recomputes_the_same_masks():
 def test_gradient_on_the_global_rng_path_is_the_mask_over_one_minus_p():
     p = 0.3
     lin, u = _linear_with_moved_weights()
-    mixout_(lin, p=p)  # no generator: W_eff = u + dropout_p(w - u)
+    mixout_(lin, p=p)  # no generator: the mask comes from the global RNG
     with torch.no_grad():
         lin.weight.add_(torch.randn_like(lin.weight))  # every entry differs from u
     seen = {}

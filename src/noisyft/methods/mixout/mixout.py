@@ -10,8 +10,8 @@ For a selected ``nn.Linear`` with weight ``w`` (out, in) and target ``u`` (a fro
     W_eff = (M * w + (1 - M) * u - p * u) / (1 - p)                     (out, in)
     y = x @ W_eff^T + b
 
-equivalently ``W_eff = u + M * (w - u) / (1 - p)``, inverted dropout on ``w - u`` (computed that way, with
-``F.dropout``, when no dedicated generator is given). So ``E[W_eff] = ((1 - p) w + p u - p u) / (1 - p) = w``
+equivalently ``W_eff = u + M * (w - u) / (1 - p)``, inverted dropout on ``w - u`` (computed that way, in one
+autograd function that saves only the bool mask). So ``E[W_eff] = ((1 - p) w + p u - p u) / (1 - p) = w``
 and ``Var[W_eff] = p / (1 - p) * (w - u)^2`` per entry, and ``dL/dw = M / (1 - p) * dL/dW_eff``. The bias is not
 mixed (the paper's MixLinear mixes the weight only). A fresh mask is drawn per forward call. Evaluation
 (``module.training`` False) and anything under ``no_grad`` (``generate``) use ``w`` exactly.
@@ -53,7 +53,6 @@ import weakref
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 logger = logging.getLogger(__name__)
@@ -79,6 +78,23 @@ def mixout_weight(w: torch.Tensor, u: torch.Tensor, p: float, mask: torch.Tensor
     return (torch.where(mask, w, u) - p * u) / (1.0 - p)
 
 
+class _MixedWeight(torch.autograd.Function):
+    """``W_eff = u + keep * (w - u) / (1 - p)`` with a hand-written backward ``dL/dw = keep / (1 - p) * dL/dW_eff``:
+    three elementwise passes forward, two backward, and only the bool mask saved (autograd on the same expression,
+    or ``u + F.dropout(w - u)``, keeps more and makes more passes over the weights)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, u: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return torch.addcmul(u, keep, w - u, value=ctx.scale)  # (out, in)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return torch.where(keep, grad, 0.0).mul_(ctx.scale), None, None, None
+
+
 class _LinearMixout:
     """The two hooks of one mixed Linear."""
 
@@ -94,14 +110,13 @@ class _LinearMixout:
         u = module._buffers[BUFFER]
         generator = self.generator
         if generator is None:
-            # the same W_eff, written as u + dropout_p(w - u): one fused kernel on GPU, global RNG like nn.Dropout
-            w_eff = u + F.dropout(w - u, self.p, training=True)  # (out, in)
+            # torch's global RNG, like nn.Dropout (so checkpointing's recomputation redraws the same mask)
+            keep = torch.empty(w.shape, dtype=torch.bool, device=w.device).bernoulli_(1.0 - self.p)
         else:
             if generator.device != w.device:
                 raise ValueError(f"Mixout generator is on {generator.device}, the weights on {w.device}")
-            mask = mixout_mask(w.shape, self.p, device=w.device, generator=generator)  # (out, in)
-            w_eff = mixout_weight(w, u, self.p, mask)
-        module.__dict__["weight"] = w_eff  # read by nn.Linear.forward as self.weight
+            keep = mixout_mask(w.shape, self.p, device=w.device, generator=generator)  # (out, in)
+        module.__dict__["weight"] = _MixedWeight.apply(w, u, keep, self.p)  # read by nn.Linear.forward
         return None
 
     def after(self, module: nn.Module, args, output):
