@@ -97,6 +97,12 @@ def _prompt(record: dict) -> tuple[Any, bool]:
     value = record[key]
     if isinstance(value, str) and key == "prompt":
         return _nonempty_text(value, key, "prompt"), False
+    if key == "prompt" and not isinstance(value, list):
+        raise RecordProblem(
+            "wrong type",
+            key,
+            f"expected a string or a list of messages, got {type(value).__name__} ({_short(value)})",
+        )
     turns = _messages(value, key)
     if turns[-1]["role"] != "user":
         raise RecordProblem(
@@ -163,7 +169,13 @@ def normalize_preference(record: Any, task: str) -> tuple[dict[str, Any], str, b
         raise RecordProblem(
             "not an object", WHOLE_RECORD, f"record is not a JSON object but {type(record).__name__}"
         )
-    paired = "chosen" in record or "rejected" in record
+    # a DPO record with a prompt is a pair, whatever it lacks; a KTO one may be either
+    prompted = "prompt" in record or "messages" in record
+    paired = (
+        "chosen" in record
+        or "rejected" in record
+        or (task == "dpo" and prompted and "completion" not in record)
+    )
     if not paired and ("completion" in record or "label" in record):
         if task == "dpo":
             raise RecordProblem(
@@ -203,7 +215,7 @@ def normalize_preference(record: Any, task: str) -> tuple[dict[str, Any], str, b
     else:
         out, conversational = _implicit(record), True
     if out["chosen"] == out["rejected"]:
-        raise RecordProblem("identical pair", "rejected", "chosen and rejected are the same")
+        raise RecordProblem("identical pair", "chosen", "chosen and rejected are the same")
     return out, "paired", conversational
 
 
