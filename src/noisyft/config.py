@@ -182,7 +182,8 @@ class TrainConfig:
     sft_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "extra trl.SFTConfig arguments as KEY=VALUE (repeatable); unknown keys are an error",
+            "help": "extra arguments of the task's TRL config (trl.SFTConfig, DPOConfig or KTOConfig) as "
+            "KEY=VALUE (repeatable); unknown keys are an error",
             "flag": "sft_arg",
         },
     )
