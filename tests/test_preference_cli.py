@@ -236,3 +236,61 @@ def test_sft_args_go_to_the_tasks_trl_config(model_dir, tmp_path, capsys):
     assert "noises the reference pass too" in _error(capsys)
     assert main([*argv, "--overwrite-output-dir", "--sft-arg", "beta=often"]) == 1
     assert "--sft-arg beta expects float" in _error(capsys)
+
+
+@pytest.mark.slow
+def test_torchrun_of_dpo_is_one_ddp_run(model_dir, tmp_path):
+    """2 ranks x 2 pairs = 1 process x 4 pairs: the same weights (DPO's loss is a mean over the pairs)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    if not Path(torchrun).exists():
+        torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+
+    def args(out, batch):
+        argv = ["train", "--task", "dpo", "--model", model_dir, "--data", DATA / "preference_small.jsonl"]
+        argv += [
+            "--output-dir",
+            out,
+            "--max-steps",
+            "3",
+            "--per-device-train-batch-size",
+            batch,
+            "--method",
+            "none",
+        ]
+        argv += [
+            "--bf16",
+            "false",
+            "--learning-rate",
+            "1e-3",
+            "--lr-scheduler-type",
+            "constant",
+            "--warmup-steps",
+            0,
+        ]
+        return [str(a) for a in argv]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = dict(capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    two = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "-m", "noisyft.cli", *args(tmp_path / "ddp", 2)], **run
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("Run folder:") == 1
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["world_size"] == 2
+    one = subprocess.run([sys.executable, "-m", "noisyft.cli", *args(tmp_path / "single", 4)], **run)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "single" / "model" / "model.safetensors")
+    init = load_file(model_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # it trained
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-4), key
