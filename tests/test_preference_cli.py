@@ -202,6 +202,8 @@ def test_task_sections_and_print_config(capsys):
     assert "dpo settings are given but task is 'sft'" in _error(capsys)
     assert main(["train", "--task", "dpo", "--data", "p.jsonl", "--dpo.beta", "0"]) == 2
     assert "dpo beta must be > 0" in _error(capsys)
+    assert main(["train", "--task", "kto", "--data", "k.jsonl", "--per-device-train-batch-size", "1"]) == 2
+    assert "--task kto needs per_device_train_batch_size >= 2" in _error(capsys)
     assert main(["train", "--task", "ppo"]) == 2
     assert "task must be one of 'sft', 'dpo', 'kto'" in _error(capsys)
 
@@ -236,6 +238,14 @@ def test_sft_args_go_to_the_tasks_trl_config(model_dir, tmp_path, capsys):
     assert "noises the reference pass too" in _error(capsys)
     assert main([*argv, "--overwrite-output-dir", "--sft-arg", "beta=often"]) == 1
     assert "--sft-arg beta expects float" in _error(capsys)
+    # TRL's own checks of its trainer's arguments: one line too
+    argv[2] = "kto"
+    assert main([*argv, "--overwrite-output-dir", "--sft-arg", "train_sampling_strategy=random"]) == 1
+    err = _error(capsys)
+    assert (
+        "NoisyKTOTrainer: Loss type `'kto'` estimates the KL divergence term" in err
+        and "Traceback" not in err
+    )
 
 
 @pytest.mark.slow

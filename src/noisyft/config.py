@@ -267,6 +267,11 @@ class TrainConfig:
                 )
         if self.fisher_diagnostic_steps is not None:
             raise ValueError(f"fisher_diagnostic_steps needs token labels, which {task} does not have")
+        if self.task == "kto" and self.kto.loss_type == "kto" and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                "--task kto needs per_device_train_batch_size >= 2: its KL estimate pairs each prompt with another "
+                "example's completion in the same batch (or use --kto.loss-type apo_zero_unpaired)"
+            )
         refused = {
             "packing": self.packing,
             "padding_free": self.padding_free,

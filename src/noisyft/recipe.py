@@ -350,6 +350,11 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
         )
     except MethodSetupError as exc:
         raise TrainError(str(exc)) from exc
+    except ValueError as exc:
+        if cfg.task == "sft":
+            raise
+        # TRL's preference trainers check their arguments here (e.g. KTO's sampling strategy, set by --sft-arg)
+        raise TrainError(f"{trainer_class(cfg.task).__name__}: {exc}") from exc
 
 
 def _check_data(cfg: TrainConfig) -> None:
