@@ -219,6 +219,20 @@ def test_bad_preference_record_stops_before_the_model_loads(tmp_path, capsys):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_prompts_that_fill_max_length_leave_nothing_to_train(model_dir, tmp_path, capsys):
+    argv = [
+        "train",
+        "--task",
+        "dpo",
+        "--data",
+        str(DATA / "preference_small.jsonl"),
+        "--model",
+        str(model_dir),
+    ]
+    assert main([*argv, "--output-dir", str(tmp_path / "run"), "--max-length", "1"]) == 1
+    assert "no training example of" in _error(capsys) and not (tmp_path / "run" / "model").exists()
+
+
 def test_sft_args_go_to_the_tasks_trl_config(model_dir, tmp_path, capsys):
     argv = [
         "train",

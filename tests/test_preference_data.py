@@ -204,3 +204,19 @@ def test_skip_bad_records_counts_and_reports_each_kind(tmp_path):
 def test_limit_counts_good_records(tmp_path):
     records, report = load_preference_records(DATA / "preference_small.jsonl", task="dpo", limit=5)
     assert len(records) == 5 and report.n_records == 5
+
+
+def test_token_counts_of_the_trainers_tokenized_set():
+    from datasets import Dataset
+
+    from noisyft.data import DataReport
+    from noisyft.preference_data import count_tokens
+
+    tokenized = Dataset.from_dict(
+        {"prompt_ids": [[1, 2], [1, 2, 3]], "chosen_ids": [[4], [4, 5, 6]], "rejected_ids": [[7, 8], [9]]}
+    )
+    report = DataReport(source="s", format="", template="")
+    count_tokens(report, tokenized, max_length=5, n_before=3)  # TRL dropped one example
+    # sequences: 3, 4 | 6 -> 5 (truncated), 4: tokens 3 + 4 + 5 + 4; reply tokens 1 + 2 + 2 + 1
+    assert (report.n_tokens, report.n_response_tokens, report.n_truncated) == (16, 6, 1)
+    assert (report.n_examples, report.n_no_response_after_truncation) == (2, 1)
