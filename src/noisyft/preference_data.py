@@ -336,8 +336,9 @@ def fingerprint_records(dataset: Any) -> str:
 
 def count_tokens(report: DataReport, tokenized: Any, max_length: int | None, n_before: int) -> None:
     """Fill the report's token counts from the trainer's tokenized data set (``prompt_ids`` and ``chosen_ids`` /
-    ``rejected_ids`` or ``completion_ids``): examples longer than ``max_length`` (TRL keeps their start) are counted
-    as truncated; those whose prompt alone fills ``max_length`` were dropped by TRL and are counted too."""
+    ``rejected_ids`` or ``completion_ids``), per sequence the model sees (prompt + one reply: two per pair): those
+    longer than ``max_length`` (TRL keeps their start) are counted as truncated, and their tokens up to the cut;
+    the examples whose prompt alone fills ``max_length`` were dropped by TRL (``n_before`` - what is left)."""
     replies = [c for c in ("chosen_ids", "rejected_ids", "completion_ids") if c in tokenized.column_names]
     report.n_examples = len(tokenized)
     report.n_no_response_after_truncation = n_before - len(tokenized)
