@@ -17,12 +17,14 @@ from .methods.neftune.config import NEFTuneConfig
 from .methods.noisytune.config import NoisyTuneConfig
 from .methods.recadam.config import RecAdamConfig
 from .methods.symnoise.config import SymNoiseConfig
+from .preference_config import DPOSettings, KTOSettings
 
 EMBEDDED_DATA = "sharegpt"
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 DATA_FORMATS = ("auto", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("auto", "alpaca", "vicuna", "chat")
 PACKING_STRATEGIES = ("bfd", "bfd_split", "wrapped")
+TASKS = ("sft", "dpo", "kto")
 
 
 @dataclass
@@ -31,6 +33,13 @@ class TrainConfig:
     ShareGPT with NEFTune alpha = 5, sized to finish in a few minutes on a 2-core CPU."""
 
     # -- what to train ------------------------------------------------------------------------------------------
+    task: str = field(
+        default="sft",
+        metadata={
+            "help": "sft (instruction data, TRL SFTTrainer), dpo (prompt/chosen/rejected pairs, DPOTrainer) or kto "
+            "(prompt/completion/label records or pairs, KTOTrainer); dpo and kto need --data"
+        },
+    )
     model: str = field(
         default="smollm2",
         metadata={
@@ -119,6 +128,10 @@ class TrainConfig:
         },
     )
 
+    # -- preference tasks: set when `task` is dpo / kto, else None ------------------------------------------------
+    dpo: DPOSettings | None = field(default=None, metadata={"help": "--task dpo settings (trl.DPOConfig)"})
+    kto: KTOSettings | None = field(default=None, metadata={"help": "--task kto settings (trl.KTOConfig)"})
+
     # -- optimisation -------------------------------------------------------------------------------------------
     num_train_epochs: float = field(default=1.0, metadata={"help": "epochs over the data"})
     max_steps: int = field(default=-1, metadata={"help": "stop after N optimizer steps (-1: use epochs)"})
@@ -169,7 +182,8 @@ class TrainConfig:
     sft_args: dict[str, Any] = field(
         default_factory=dict,
         metadata={
-            "help": "extra trl.SFTConfig arguments as KEY=VALUE (repeatable); unknown keys are an error",
+            "help": "extra arguments of the task's TRL config (trl.SFTConfig, DPOConfig or KTOConfig) as "
+            "KEY=VALUE (repeatable); unknown keys are an error",
             "flag": "sft_arg",
         },
     )
@@ -221,6 +235,55 @@ class TrainConfig:
             )
         if not isinstance(self.sft_args, dict):
             raise ValueError(f"sft_args must be a mapping, got {type(self.sft_args).__name__}")
+        self._check_task()
+
+    def _check_task(self) -> None:
+        """The task's section (``dpo:`` / ``kto:``) is set for its task only; the preference tasks need a preference
+        file and refuse what only supervised fine-tuning has (token labels, packing, SFT templates)."""
+        check_choice("task", self.task, TASKS)
+        for name, cls in (("dpo", DPOSettings), ("kto", KTOSettings)):
+            section = getattr(self, name)
+            if self.task == name and section is None:
+                setattr(self, name, cls())
+            elif self.task == name and isinstance(section, dict):
+                setattr(self, name, cls(**section))
+            elif self.task != name and section is not None:
+                raise ValueError(f"{name} settings are given but task is {self.task!r}: use --task {name}")
+        if self.task == "sft":
+            return
+        task = f"--task {self.task}"
+        for source in (self.data, self.resolved_eval_data()):
+            if str(source or "").split(":")[0] == EMBEDDED_DATA:
+                raise ValueError(
+                    f"{task} needs preference data: pass --data FILE.jsonl with prompt/chosen/rejected records"
+                    + (" (or prompt/completion/label)" if self.task == "kto" else "")
+                    + "; the embedded ShareGPT data is SFT-only"
+                )
+        for name in self.methods:
+            if REGISTRY[name].needs_token_loss:
+                raise ValueError(
+                    f"{name} ({REGISTRY[name].lifecycle}) needs a token-level loss with labels, which {task} does "
+                    "not have; use it with --task sft"
+                )
+        if self.fisher_diagnostic_steps is not None:
+            raise ValueError(f"fisher_diagnostic_steps needs token labels, which {task} does not have")
+        if self.task == "kto" and self.kto.loss_type == "kto" and self.per_device_train_batch_size < 2:
+            raise ValueError(
+                "--task kto needs per_device_train_batch_size >= 2: its KL estimate pairs each prompt with another "
+                "example's completion in the same batch (or use --kto.loss-type apo_zero_unpaired)"
+            )
+        refused = {
+            "packing": self.packing,
+            "padding_free": self.padding_free,
+            "template": self.template not in ("auto", "chat"),
+            "data_format": self.data_format != "auto",
+        }
+        for name, given in refused.items():
+            if given:
+                raise ValueError(
+                    f"{name} applies to --task sft only; {task} reads preference records as TRL does (plain text "
+                    "as it is, conversations through the tokenizer's chat template)"
+                )
 
     @property
     def methods(self) -> tuple[str, ...]:

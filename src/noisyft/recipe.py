@@ -55,30 +55,25 @@ def _prepare_output_dir(cfg: TrainConfig, *, is_main: bool = True) -> Path:
         raise TrainError(str(exc)) from exc
 
 
-def _sft_config(cfg: TrainConfig, out: Path):
+def _training_args(cfg: TrainConfig, out: Path):
+    """The task's TRL config (SFTConfig, DPOConfig or KTOConfig) from the settings, ``--sft-arg`` on top."""
     import dataclasses
 
     import torch
-    from trl import SFTConfig
 
-    known = {f.name for f in dataclasses.fields(SFTConfig)}
+    from .tasks import double_noise_error, task_arguments, trl_config_class
+
+    cls = trl_config_class(cfg.task)
+    known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(cfg.sft_args) - known)
     if unknown:
-        raise TrainError(f"sft_args: unknown trl.SFTConfig argument(s) {', '.join(unknown)}")
-    if "neftune_noise_alpha" in cfg.sft_args and cfg.uses_neftune:
-        raise TrainError(
-            "sft_args sets transformers' neftune_noise_alpha while --method uses noisyft's NEFTune: the noise would "
-            "be applied twice. Use --neftune.scale padded to reproduce transformers' scaling instead."
-        )
+        raise TrainError(f"sft_args: unknown trl.{cls.__name__} argument(s) {', '.join(unknown)}")
+    if double_noise_error(cfg):
+        raise TrainError(double_noise_error(cfg))
     kwargs: dict[str, Any] = {
         "output_dir": str(out / "checkpoints"),
         "max_length": cfg.max_length,
-        "packing": cfg.packing,
-        "packing_strategy": cfg.packing_strategy,
-        "padding_free": cfg.padding_free,
-        # our data set carries `assistant_masks`, which TRL always applies; completion_only_loss is for its
-        # prompt/completion format and must stay off here
-        "completion_only_loss": False,
+        **task_arguments(cfg),
         "num_train_epochs": cfg.num_train_epochs,
         "max_steps": cfg.max_steps,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
@@ -104,16 +99,16 @@ def _sft_config(cfg: TrainConfig, out: Path):
     }
     if cfg.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
-    _check_sft_arg_types(cfg.sft_args, SFTConfig)
+    _check_sft_arg_types(cfg.sft_args, cls)
     kwargs.update(cfg.sft_args)
     try:
-        return SFTConfig(**kwargs)
+        return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainError(f"invalid training arguments: {exc}") from exc
 
 
 def _check_sft_arg_types(sft_args: dict[str, Any], cls: type) -> None:
-    """``--sft-arg KEY=VALUE`` values against SFTConfig's field types (the simple ones: numbers, booleans,
+    """``--sft-arg KEY=VALUE`` values against the TRL config's field types (the simple ones: numbers, booleans,
     strings), so a wrong type fails here and not inside the training loop."""
     import typing
 
@@ -184,6 +179,8 @@ def _load_data(cfg: TrainConfig, tokenizer, out: Path) -> tuple[Any, Any, dict[s
     """The training set and the held-out set (None when there is none), and their data reports."""
     from .data import BadRecordsError, build_sft_dataset
 
+    if cfg.task != "sft":
+        return _load_preference_data(cfg)
     common = dict(
         template=cfg.template,
         format=cfg.data_format,
@@ -224,6 +221,43 @@ def _load_data(cfg: TrainConfig, tokenizer, out: Path) -> tuple[Any, Any, dict[s
     return train_ds, eval_ds, reports
 
 
+def _load_preference_data(cfg: TrainConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """Preference records as TRL's DPO / KTO trainers take them (they tokenize); reports count records here and
+    tokens once the trainer has tokenized them (:func:`_count_preference_tokens`)."""
+    from .data import BadRecordsError
+    from .preference_data import build_preference_dataset
+
+    common = dict(task=cfg.task, skip_bad_records=cfg.resolved_skip_bad_records())
+    reports: dict[str, Any] = {}
+    eval_ds = None
+    try:
+        train_ds, report = build_preference_dataset(cfg.data, limit=cfg.max_examples, **common)
+        reports["train"] = report
+        if cfg.resolved_eval_data() is not None:
+            eval_ds, reports["eval"] = build_preference_dataset(
+                cfg.resolved_eval_data(), limit=cfg.eval_max_examples, **common
+            )
+    except BadRecordsError as exc:
+        raise TrainError(f"{exc}\n(pass --skip-bad-records to skip these records and report them)") from exc
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"could not load data: {exc}") from exc
+    return train_ds, eval_ds, reports
+
+
+def _count_preference_tokens(cfg: TrainConfig, trainer, reports: dict[str, Any]) -> dict[str, Any]:
+    """The data reports (as dicts) with the token counts of the trainer's tokenized sets; an empty one fails."""
+    from .preference_data import count_tokens
+
+    for name, dataset in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+        if name in reports:
+            count_tokens(reports[name], dataset, cfg.max_length, reports[name].n_examples)
+    if len(trainer.train_dataset) == 0:
+        raise TrainError(
+            f"no training example of {cfg.data} keeps a reply within max_length={cfg.max_length}"
+        )
+    return {name: report.to_dict() for name, report in reports.items()}
+
+
 def _load_model(cfg: TrainConfig):
     from .models import load_model_and_tokenizer
 
@@ -248,6 +282,7 @@ def _metrics(
     methods = trainer.noisyft_summary()
     metrics.update(
         {
+            "task": cfg.task,
             "method": cfg.method,
             "methods": methods,
             **{name: methods.get(name) for name in ("neftune", "noisytune", "fisher")},
@@ -293,7 +328,7 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
     from transformers.integrations import TensorBoardCallback
 
     from .methods.base import MethodSetupError
-    from .trainer import NoisySFTTrainer
+    from .tasks import trainer_class
 
     callbacks = None
     if is_main:
@@ -302,7 +337,7 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
         tensorboard.logging_dir = str(out / "tensorboard")
         callbacks = [tensorboard]
     try:
-        return NoisySFTTrainer(
+        return trainer_class(cfg.task)(
             model=model,
             args=args,
             train_dataset=train_ds,
@@ -315,21 +350,31 @@ def _build_trainer(cfg: TrainConfig, out: Path, model, tokenizer, args, train_ds
         )
     except MethodSetupError as exc:
         raise TrainError(str(exc)) from exc
+    except ValueError as exc:
+        if cfg.task == "sft":
+            raise
+        # TRL's preference trainers check their arguments here (e.g. KTO's sampling strategy, set by --sft-arg)
+        raise TrainError(f"{trainer_class(cfg.task).__name__}: {exc}") from exc
 
 
 def _check_data(cfg: TrainConfig) -> None:
     """Read and validate every record (no tokenizer needed) so a bad file fails in seconds, not after the model
     has loaded. The tokenized datasets are built later from the same records."""
     from .data import BadRecordsError, load_conversations
+    from .preference_data import load_preference_records
+
+    def load(source, limit):
+        skip = cfg.resolved_skip_bad_records()
+        if cfg.task == "sft":
+            return load_conversations(source, format=cfg.data_format, skip_bad_records=skip, limit=limit)
+        return load_preference_records(source, task=cfg.task, skip_bad_records=skip, limit=limit)
 
     sources = [(cfg.data, cfg.max_examples)]
     if cfg.resolved_eval_data() is not None:
         sources.append((cfg.resolved_eval_data(), cfg.eval_max_examples))
     for source, limit in sources:
         try:
-            load_conversations(
-                source, format=cfg.data_format, skip_bad_records=cfg.resolved_skip_bad_records(), limit=limit
-            )
+            load(source, limit)
         except BadRecordsError as exc:
             raise TrainError(
                 f"{exc}\n(pass --skip-bad-records to skip these records and report them)"
@@ -359,6 +404,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train one run into ``cfg.output_dir`` (see the module docstring for the folder layout)."""
     from .methods.base import MethodSetupError
     from .methods.fisher.penalty import FisherSetupError
+    from .preference_data import fingerprint_records
     from .run_folder import RUN_FILE, fingerprint_examples, finish, model_stamp
     from .trainer import NonFiniteError
 
@@ -367,17 +413,20 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     work = _prepare_output_dir(cfg, is_main=is_main)
     final = Path(cfg.output_dir)
     run = _write_start(work, cfg) if is_main else {}
-    args = _sft_config(cfg, work)  # bad training arguments fail before anything heavy loads
+    args = _training_args(cfg, work)  # bad training arguments fail before anything heavy loads
     resume = _resume_point(cfg, work)
     _check_data(cfg)  # bad records fail before the model loads
     model, tokenizer = _load_model(cfg)
     train_ds, eval_ds, reports = _load_data(cfg, tokenizer, work)
+    trainer = _build_trainer(cfg, work, model, tokenizer, args, train_ds, eval_ds, is_main=is_main)
+    if cfg.task != "sft":  # TRL tokenized the preference data while the trainer was built
+        reports = _count_preference_tokens(cfg, trainer, reports)
     if is_main:
-        run["train_data_sha256"] = fingerprint_examples(train_ds)
+        sft = cfg.task == "sft"
+        run["train_data_sha256"] = (fingerprint_examples if sft else fingerprint_records)(train_ds)
         run["precision"] = "bf16 mixed" if args.bf16 else "fp32"
         atomic_write_json(work / RUN_FILE, run)
         atomic_write_json(work / "data_report.json", reports)
-    trainer = _build_trainer(cfg, work, model, tokenizer, args, train_ds, eval_ds, is_main=is_main)
     try:
         train_output = trainer.train(resume_from_checkpoint=resume)
     except (FisherSetupError, MethodSetupError, NonFiniteError) as exc:

@@ -11,7 +11,8 @@ from noisyft.config import TrainConfig, migrate_legacy
 from noisyft.settings import add_arguments
 
 DESCRIPTION = (
-    "Fine-tune a causal LM with noise regularizers on TRL's SFTTrainer. With no options it runs the embedded "
+    "Fine-tune a causal LM with noise regularizers on TRL's SFTTrainer (--task dpo / kto: DPOTrainer / KTOTrainer "
+    "on a preference file). With no options it runs the embedded "
     "default: SmolLM2-135M-Instruct on a slice of ShareGPT with NEFTune alpha 5. Method settings are YAML "
     "sections or dotted flags: --method noisytune+neftune --neftune.alpha 10 --noisytune.lambda 0.15."
 )

@@ -67,6 +67,11 @@ def resolve_target(cfg: EvalConfig) -> dict[str, Any]:
         except RunFolderError as exc:
             raise EvalError(str(exc)) from None
         run = read_run_config(target)
+        if run.task != "sft":  # its data are preference records, not instruction data the analyses can read
+            raise EvalError(
+                f"{target} is a --task {run.task} run; eval run reads a run's instruction data, so evaluate its "
+                f"model folder instead: noisyft eval run {target / 'model'} --train-data FILE"
+            )
         model = str(target / "model")
     elif target.is_dir() and (target / "model").is_dir():
         raise EvalError(f"{target} has a model/ but no config.yaml: pass the model folder {target / 'model'}")

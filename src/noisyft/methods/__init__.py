@@ -34,6 +34,11 @@ class MethodSpec:
     slots: tuple[str, ...] = ()  # resources it takes over: two methods with one slot cannot combine
     needs_labels: bool = False  # needs token labels (refused by trainers without them)
 
+    @property
+    def needs_token_loss(self) -> bool:
+        """Needs a token-level loss with labels (it reads or replaces it): refused by DPO / KTO."""
+        return self.needs_labels or "loss" in self.slots
+
     def config_class(self) -> type:
         return _load(self.config)
 
