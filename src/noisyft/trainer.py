@@ -99,7 +99,7 @@ class NoisyTrainerMixin:
             kwargs.pop(n, None)
         if not self.noisyft_token_loss:
             for n in configs:
-                if REGISTRY[n].needs_labels or "loss" in REGISTRY[n].slots:
+                if REGISTRY[n].needs_token_loss:
                     raise MethodSetupError(
                         f"{n} ({REGISTRY[n].lifecycle}) needs a token-level loss with labels, which "
                         f"{type(self).__name__} does not have; use it with NoisySFTTrainer / NoisyTrainer"
