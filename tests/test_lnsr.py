@@ -13,6 +13,9 @@ from noisyft.methods.lnsr.penalty import lnsr_penalty
 
 from conftest import tiny_llama
 
+# the paper's formula: absolute sigma and raw hidden states
+RAW = {"relative_sigma": False, "normalize": False}
+
 
 def _batch():
     torch.manual_seed(1)
@@ -52,13 +55,47 @@ def test_penalty_equals_the_direct_computation(layer, layers):
     sigma, seed = 0.3, 5
     ours = lnsr_penalty(
         model, input_ids=ids, attention_mask=mask, layer=layer, layers=layers, sigma=sigma,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), **RAW,
     )  # fmt: skip
     expected = _by_hand(
         model, ids, mask, layer=layer, sigma=sigma, seed=seed, layers=layers or range(layer, 3)
     )
     assert expected > 0
     assert ours.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_default_relative_noise_and_normalized_states_equal_a_computation_by_hand():
+    """Defaults: noise std sigma * rms(x_k) per token, and h / rms(h) compared, checked on two forwards by hand."""
+    model = tiny_llama(layers=3)
+    ids, mask = _batch()
+    k, sigma, seed = 1, 0.2, 4
+    ours = lnsr_penalty(
+        model, input_ids=ids, attention_mask=mask, layer=k, sigma=sigma,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
+    with torch.no_grad():
+        clean = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        rms = clean[k].pow(2).mean(-1, keepdim=True).sqrt()  # (B, L, 1)
+        z = torch.randn((2, 7, model.config.hidden_size), generator=torch.Generator().manual_seed(seed))
+        eps = sigma * rms * z * mask[..., None]
+        handle = model.model.layers[k].register_forward_pre_hook(
+            lambda m, args, kwargs: ((args[0] + eps, *args[1:]), kwargs), with_kwargs=True
+        )
+        noisy = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        handle.remove()
+    total = 0.0
+    for index in (1, 2):
+        a = noisy[index + 1] / (noisy[index + 1].pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        b = clean[index + 1] / (clean[index + 1].pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+        total += float(((a - b).pow(2).sum(-1) * mask).sum())
+    expected = total / float(mask.sum())
+    assert expected > 0
+    assert ours.item() == pytest.approx(expected, rel=1e-5)
+    raw = lnsr_penalty(
+        model, input_ids=ids, attention_mask=mask, layer=k, sigma=sigma,
+        generator=torch.Generator().manual_seed(seed), **RAW,
+    )  # fmt: skip
+    assert raw.item() != pytest.approx(expected, rel=1e-2)  # the two settings differ
 
 
 def test_zero_at_sigma_zero_and_clean_hidden_from_the_main_forward_gives_the_same_value():
@@ -104,7 +141,7 @@ def test_layers_below_the_noise_are_not_recomputed_and_the_gradient_is_the_full_
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     ours = lnsr_penalty(
         model, attention_mask=mask, layer=k, sigma=sigma, clean_hidden=out.hidden_states,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed), **RAW,
     )  # fmt: skip
     for handle in handles:
         handle.remove()

@@ -64,7 +64,16 @@ def test_every_method_field_is_reachable_from_yaml_and_flags(tmp_path):
         "mixout": {"p": 0.3, "include": "mlp", "exclude": None, "target": "start", "seed": 2},
         "recadam": {"gamma": 10.0, "anneal_k": 0.1, "anneal_t0": 50.0, "anchor": "start"},
         "symnoise": {"alpha": 3.0, "pair": False, "scale": "padded", "response_only": True, "seed": 4},
-        "lnsr": {"sigma": 0.2, "layer": 1, "layers": [1, 2], "coef": 0.5, "response_only": True, "seed": 6},
+        "lnsr": {
+            "sigma": 0.2,
+            "layer": 1,
+            "layers": [1, 2],
+            "coef": 0.5,
+            "response_only": True,
+            "relative_sigma": False,
+            "normalize": False,
+            "seed": 6,
+        },
     }
     assert set(values) == set(REGISTRY), "add the new method's fields to this table"
     for name, fields in values.items():

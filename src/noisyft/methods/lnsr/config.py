@@ -16,7 +16,12 @@ class LNSRConfig:
     Gaussian noise ``eps ~ N(0, sigma^2 I)`` is added to the input hidden states of decoder layer ``k`` (``layer``)
     on real tokens, and the training loss gets::
 
-        coef * (1 / N) * sum_{l in layers} sum_{b, t real} || h_l(x + eps)[b, t] - h_l(x)[b, t] ||^2
+        coef * (1 / N) * sum_{l in layers} sum_{b, t real} || n(h_l(x + eps))[b, t] - n(h_l(x))[b, t] ||^2
+
+    with ``n(h) = h / rms(h)`` per token (``normalize``) and the noise std ``sigma * rms(x_k)`` per token
+    (``relative_sigma``): a pre-norm decoder's residual stream is not normalized (unlike the paper's BERT), so raw
+    states and an absolute sigma make the penalty scale with the model's activation sizes (on SmolLM2-135M the raw
+    penalty at sigma = 0.01 was 2,500x the loss; normalized, about 0.3x). Both off: the raw formula.
 
     ``h_l`` is the output of decoder layer ``l`` (the model's ``hidden_states[l + 1]``; for the last layer that is
     after the final norm), ``N`` the number of real tokens (``attention_mask``; with ``response_only`` the labelled
@@ -24,14 +29,17 @@ class LNSRConfig:
     forward (``output_hidden_states=True``).
 
     Args:
-        sigma (`float`, defaults to 0.01): std of the injected noise, per entry, in the units of the hidden states,
-            >= 0. ``sigma = 0`` gives a zero penalty (without dropout).
+        sigma (`float`, defaults to 0.01): std of the injected noise, per entry, >= 0: relative to each token's
+            RMS at layer ``k`` (``relative_sigma``), else in the units of the hidden states. ``sigma = 0`` gives a
+            zero penalty (without dropout).
         layer (`int`, defaults to 0): index ``k`` of the decoder layer at whose input the noise is injected (0: on
             the input embeddings as the first layer sees them). Must be < the model's number of layers.
         layers (`list[int]`, *optional*, defaults to None): which layers' outputs are penalized, each in
             ``[layer, num_layers)``. ``None``: all of them (the injection layer and every later one).
         coef (`float`, defaults to 1.0): weight of the penalty in the loss, >= 0.
         response_only (`bool`, defaults to False): penalize (and noise) only tokens that carry a label.
+        relative_sigma (`bool`, defaults to True): noise std ``sigma * rms(x_k[b, t])`` per token.
+        normalize (`bool`, defaults to True): compare RMS-normalized hidden states ``h / rms(h)`` per token.
         seed (`int`, *optional*, defaults to None): seed of the noise stream; ``None`` takes the training seed.
     """
 
@@ -47,6 +55,12 @@ class LNSRConfig:
         default=1.0, metadata={"help": "weight of the noise-stability penalty in the loss (>= 0)"}
     )
     response_only: bool = field(default=False, metadata={"help": "noise and penalize only labelled tokens"})
+    relative_sigma: bool = field(
+        default=True, metadata={"help": "noise std is sigma times each token's RMS at the noisy layer"}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "compare RMS-normalized hidden states (h / rms(h) per token)"}
+    )
     seed: int | None = field(
         default=None, metadata={"help": "seed of the noise stream (default: the training seed)"}
     )
@@ -63,6 +77,7 @@ class LNSRConfig:
             for index in self.layers:
                 check_int("LNSR layers entry", index, low=self.layer)
             self.layers = sorted(set(self.layers))
-        if not isinstance(self.response_only, bool):
-            raise ValueError(f"LNSR response_only must be true or false, got {self.response_only!r}")
+        for name in ("response_only", "relative_sigma", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LNSR {name} must be true or false, got {getattr(self, name)!r}")
         check_int("LNSR seed", self.seed, optional=True)

@@ -11,6 +11,20 @@ For a batch of B rows of L tokens, a decoder with layers ``0 .. n-1`` and the in
     h_l(x + eps) : output of layer l, the same forward with x_k + eps fed to layer k
     penalty = (1 / N) * sum_{l in S} sum_{b, t} w[b, t] * || h_l(x + eps)[b, t] - h_l(x)[b, t] ||_2^2
 
+With the defaults ``relative_sigma=True`` and ``normalize=True`` (what :class:`LNSRConfig` uses) two things are
+measured in the units a pre-norm decoder works in::
+
+    eps[b, t, :] = sigma * rms(x_k[b, t]) * z[b, t, :] * r[b, t]          rms(v) = sqrt(mean_i v_i^2), no gradient
+    h_l  ->  h_l / sqrt(mean_i h_l[b, t, i]^2 + 1e-6)                       per token, both forwards
+
+Why: the paper's BERT has a LayerNorm after every layer, so its hidden states are O(1) per entry and an absolute
+``sigma`` means the same thing at every layer and in every model. A Llama-style decoder's residual stream is not
+normalized: in SmolLM2-135M its RMS is 0.11 at the embeddings and about 260 in the middle layers (a few huge
+"massive activation" channels), and with the raw formula at ``sigma = 0.01`` a 2-step ``noisyft train --method
+lnsr`` logged a loss of 4193 against a cross-entropy of 1.69, dominated by those channels. Relative noise and RMS-normalized states (what each layer's
+input norm sees) gave 0.47 there with ``sigma = 0.01``, summed over the 30 layers. ``relative_sigma=False,
+normalize=False`` is the raw formula above.
+
 ``S`` is ``layers`` (default: every ``l`` in ``k .. n-1``), ``w`` marks the real tokens (``attention_mask``, and
 ``labels != -100`` with ``response_only``), and ``N = sum w``: the penalty is a sum over layers and hidden
 dimensions and a mean over real tokens, so it does not grow with the batch or sequence size. ``h_l`` is the
@@ -96,6 +110,8 @@ def lnsr_penalty(
     response_only: bool = False,
     generator: torch.Generator | None = None,
     clean_hidden: Sequence[torch.Tensor] | None = None,
+    relative_sigma: bool = True,
+    normalize: bool = True,
 ) -> torch.Tensor:
     """The LNSR noise-stability penalty (a differentiable fp32 scalar); formula and normalization in the module
     docstring. ``clean_hidden``: the ``hidden_states`` of the main forward on the same batch
@@ -118,15 +134,18 @@ def lnsr_penalty(
     embeds = clean_hidden[0]  # (B, L, d)
     B, L, d = embeds.shape
     weights = _token_weights((B, L), attention_mask, labels, response_only, embeds.device)  # (B, L)
+    x_k = clean_hidden[layer]  # (B, L, d), layer k's input in the clean forward
+    scale = sigma * weights  # (B, L)
+    if relative_sigma:  # in units of each token's RMS at layer k (a constant: no gradient through the scale)
+        scale = scale * x_k.detach().float().pow(2).mean(-1).sqrt()
     noise = torch.randn(
         (B, L, d), generator=generator, device=embeds.device, dtype=torch.float32
     )  # (B, L, d)
-    noise = (noise * (sigma * weights).unsqueeze(-1)).to(embeds.dtype)
+    noise = (noise * scale.unsqueeze(-1)).to(embeds.dtype)
 
     # Layer k's input in the noisy forward is the clean x_k + eps. The layers below k would only recompute x_k
     # (the same function of the same input), so they are skipped: each returns its input unchanged, and layer k
     # gets clean_hidden[k] itself, which keeps the gradient path into the layers below through the clean graph.
-    x_k = clean_hidden[layer]  # (B, L, d)
 
     def add_noise(module, args, kwargs):
         if args:
@@ -148,7 +167,12 @@ def lnsr_penalty(
         for block in blocks[:layer]:
             del block.forward
     total = embeds.new_zeros((), dtype=torch.float32)
+
+    def view(h: torch.Tensor) -> torch.Tensor:  # (B, L, d) -> fp32, RMS-normalized per token if asked
+        h = h.float()
+        return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) if normalize else h
+
     for index in chosen:
-        diff = noisy_hidden[index + 1].float() - clean_hidden[index + 1].float()  # (B, L, d)
+        diff = view(noisy_hidden[index + 1]) - view(clean_hidden[index + 1])  # (B, L, d)
         total = total + (diff.pow(2).sum(-1) * weights).sum()
     return total / weights.sum().clamp_min(1.0)

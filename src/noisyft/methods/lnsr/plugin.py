@@ -67,6 +67,8 @@ class LNSRPlugin(MethodPlugin):
             response_only=cfg.response_only,
             generator=self.stream(loss.device),
             clean_hidden=hidden,
+            relative_sigma=cfg.relative_sigma,
+            normalize=cfg.normalize,
         )
         if (
             num_items_in_batch is None
