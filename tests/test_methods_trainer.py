@@ -214,3 +214,14 @@ def test_symnoise_one_copy_hook_trains_and_keeps_padding_clean(tmp_path):
     )
     assert torch.all(noise[~real] == 0)
     assert any("symnoise/noise_to_embed_norm" in h for h in trainer.state.log_history)
+
+
+def test_recadam_warns_when_the_run_ends_before_the_task_loss_switches_on(tmp_path, caplog):
+    from noisyft.methods.recadam.config import RecAdamConfig
+
+    for t0, warned in ((250.0, True), (1.0, False)):
+        trainer = _trainer(tmp_path, recadam=RecAdamConfig(anneal_t0=t0, gamma=1.0))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="noisyft.methods.recadam.plugin"):
+            trainer.create_optimizer()
+        assert ("lambda(t) stays below 1/2" in caplog.text) is warned, t0

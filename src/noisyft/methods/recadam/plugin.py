@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 from noisyft.methods.base import MethodPlugin
 from noisyft.methods.mixout.plugin import snapshot_trainable
 
-from .optimizer import RecAdam
+from .optimizer import RecAdam, anneal_lambda
+
+logger = logging.getLogger(__name__)
 
 
 class RecAdamPlugin(MethodPlugin):
@@ -25,6 +29,15 @@ class RecAdamPlugin(MethodPlugin):
 
     def create_optimizer(self, trainer, model) -> RecAdam:
         args = trainer.args
+        steps = getattr(getattr(trainer, "state", None), "max_steps", 0) or getattr(args, "max_steps", -1)
+        cfg = self.config
+        if steps and steps > 0 and anneal_lambda(steps, cfg.anneal_k, cfg.anneal_t0) < 0.5:
+            logger.warning(
+                "RecAdam: lambda(t) stays below 1/2 for all %d steps (anneal_t0=%g): the task loss is mostly "
+                "switched off and training mainly pulls the weights to their anchors; lower --recadam.anneal-t0",
+                steps,
+                cfg.anneal_t0,
+            )
         decay = set(trainer.get_decay_parameter_names(model))
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = [
