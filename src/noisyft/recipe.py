@@ -105,6 +105,12 @@ def _sft_config(cfg: TrainConfig, out: Path):
     if cfg.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     _check_sft_arg_types(cfg.sft_args, SFTConfig)
+    if cfg.sft_args.get("fsdp") and not torch.cuda.is_available():
+        # accelerate (1.15) turns FSDP on only for multi-accelerator runs: on CPU the run would silently be DDP
+        raise TrainError(
+            "sft_args fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently train as plain DDP); "
+            "drop the fsdp arguments on CPU (torchrun alone gives DDP)"
+        )
     kwargs.update(cfg.sft_args)
     try:
         return SFTConfig(**kwargs)
