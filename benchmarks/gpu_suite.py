@@ -148,23 +148,23 @@ def _variants(flash: bool) -> list[tuple[str, str | None, str]]:
     return out
 
 
-def _train_args(out: str, cuda: bool, steps: int, batch: int, **extra):
-    return dict(
-        output_dir=out,
-        max_steps=steps,
-        per_device_train_batch_size=batch,
-        learning_rate=1e-5,
-        lr_scheduler_type="constant",
-        bf16=cuda,
-        use_cpu=not cuda,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-        **extra,
-    )
+def _train_args(out: str, cuda: bool, steps: int, batch: int, **overrides):
+    """Training arguments shared by every timed trainer (bf16 autocast on CUDA, float32 on CPU)."""
+    return {
+        "output_dir": out,
+        "max_steps": steps,
+        "per_device_train_batch_size": batch,
+        "learning_rate": 1e-5,
+        "lr_scheduler_type": "constant",
+        "bf16": cuda,
+        "use_cpu": not cuda,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "seed": 0,
+    } | overrides
 
 
 def time_methods(base, s: dict, cuda: bool, flash: bool, tmp: str) -> dict:
@@ -183,7 +183,7 @@ def time_methods(base, s: dict, cuda: bool, flash: bool, tmp: str) -> dict:
         rng.shuffle(variants)
         for label, method, attn in variants:
             model = copy.deepcopy(base).to(device)
-            model.config._attn_implementation = attn
+            model.set_attn_implementation(attn)  # checks that the kernel is installed
             timer = StepTimer(cuda)
             kwargs = {method: REGISTRY[method].config_class()()} if method else {}
             trainer = NoisyTrainer(
