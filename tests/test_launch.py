@@ -172,29 +172,44 @@ def test_ddp_command_noise_streams_and_resume(tmp_path):
 
 
 @pytest.mark.skipif(_torchrun() is None, reason="torchrun not installed")
-def test_deepspeed_zero2_on_cpu_matches_ddp(tmp_path):
-    """DeepSpeed ZeRO-2 through transformers' integration (`pip install noisyft[deepspeed]`), two CPU processes:
-    the same losses as DDP. Skipped where deepspeed is not installed."""
+def test_deepspeed_zero2_and_zero3_on_cpu_match_ddp(tmp_path):
+    """DeepSpeed ZeRO-2 and ZeRO-3 through transformers' integration (`pip install noisyft[deepspeed]`), two CPU
+    processes with NEFTune: the same losses as DDP, each rank its own noise stream, and ZeRO-3's gathered final
+    weights equal DDP's. Skipped where deepspeed is not installed."""
     pytest.importorskip("deepspeed")
+    from safetensors.torch import load_file
+
     model_dir, data = _inputs(tmp_path, 16)
-    zero2 = tmp_path / "zero2.json"
-    zero2.write_text(
-        json.dumps(
-            {
-                "zero_optimization": {"stage": 2},
-                "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto",
-                "train_batch_size": "auto",
-                "gradient_clipping": "auto",
-            }
-        )
-    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     losses = {}
-    for name, extra in (("ddp", []), ("zero2", ["--sft-arg", f"deepspeed={zero2}"])):
-        argv = [*_args(model_dir, data, tmp_path / name, 2), "--logging-steps", "1", *extra]
+    for name, stage in (("ddp", None), ("zero2", 2), ("zero3", 3)):
+        extra = []
+        if stage is not None:
+            config = tmp_path / f"{name}.json"
+            zero = {"stage": stage} | (
+                {"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {}
+            )
+            auto = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
+            config.write_text(
+                json.dumps(
+                    {"zero_optimization": zero, "gradient_clipping": "auto"} | dict.fromkeys(auto, "auto")
+                )
+            )
+            extra = ["--sft-arg", f"deepspeed={config}"]
+        argv = _args(model_dir, data, tmp_path / name, 2)
+        argv[argv.index("--method") + 1] = "neftune"
         proc = subprocess.run(
-            [_torchrun(), "--nproc_per_node", "2", "-m", "noisyft.cli", *argv],
+            [
+                _torchrun(),
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "noisyft.cli",
+                *argv,
+                "--logging-steps",
+                "1",
+                *extra,
+            ],
             capture_output=True,
             text=True,
             env=env,
@@ -202,7 +217,15 @@ def test_deepspeed_zero2_on_cpu_matches_ddp(tmp_path):
             cwd=tmp_path,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        history = json.loads((tmp_path / name / "metrics.json").read_text())["log_history"]
-        losses[name] = [h["loss"] for h in history if "loss" in h]
+        losses[name] = _losses(tmp_path / name)
+        ckpt = tmp_path / name / "checkpoints" / "checkpoint-2"
+        seeds = [torch.load(ckpt / f"noisyft_neftune_rank{r}.pt", weights_only=True)["seed"] for r in (0, 1)]
+        assert seeds[0] != seeds[1], name
     assert len(losses["ddp"]) == 3
     assert losses["zero2"] == pytest.approx(losses["ddp"], abs=1e-4)
+    assert losses["zero3"] == pytest.approx(losses["ddp"], abs=1e-4)
+    a = load_file(tmp_path / "zero3" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "ddp" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key

@@ -113,9 +113,16 @@ def _sft_config(cfg: TrainConfig, out: Path):
         )
     kwargs.update(cfg.sft_args)
     try:
-        return SFTConfig(**kwargs)
+        args = SFTConfig(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainError(f"invalid training arguments: {exc}") from exc
+    if args.deepspeed and args.use_cpu and args.world_size > 1:
+        # transformers' CPU path starts torch.distributed but not DeepSpeed's own layer, so ZeRO-3's zero.Init
+        # (inside from_pretrained) would see one process; on GPUs accelerate starts it
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return args
 
 
 def _check_sft_arg_types(sft_args: dict[str, Any], cls: type) -> None:
