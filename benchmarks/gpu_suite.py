@@ -117,8 +117,8 @@ class StepTimer:
 
 
 def fixed_batch(vocab: int, batch: int, length: int, repeat: int):
-    """``batch`` sequences with lengths spread over [length/4, length], padded to ``length``, repeated so every
-    step sees the same batch (the sampler only permutes identical copies)."""
+    """``batch`` sequences with lengths spread over [length/4, length], padded to ``length``, the block repeated
+    ``repeat`` times: with the sequential sampler every step sees the same batch."""
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(0)
@@ -164,6 +164,8 @@ def _train_args(out: str, cuda: bool, steps: int, batch: int, **overrides):
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "seed": 0,
+        "activation_checkpointing": False,  # TRL's SFTConfig turns it on by default; every variant runs without
+        "train_sampling_strategy": "sequential",  # fixed_batch's copies come in order: the same batch every step
     } | overrides
 
 
