@@ -150,23 +150,26 @@ def _variants(flash: bool) -> list[tuple[str, str | None, str]]:
 
 def _train_args(out: str, cuda: bool, steps: int, batch: int, **overrides):
     """Training arguments shared by every timed trainer (bf16 autocast on CUDA, float32 on CPU)."""
-    return {
-        "output_dir": out,
-        "max_steps": steps,
-        "per_device_train_batch_size": batch,
-        "learning_rate": 1e-5,
-        "lr_scheduler_type": "constant",
-        "bf16": cuda,
-        "use_cpu": not cuda,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "dataloader_num_workers": 0,
-        "seed": 0,
-        "activation_checkpointing": False,  # TRL's SFTConfig turns it on by default; every variant runs without
-        "train_sampling_strategy": "sequential",  # fixed_batch's copies come in order: the same batch every step
-    } | overrides
+    return (
+        {
+            "output_dir": out,
+            "max_steps": steps,
+            "per_device_train_batch_size": batch,
+            "learning_rate": 1e-5,
+            "lr_scheduler_type": "constant",
+            "bf16": cuda,
+            "use_cpu": not cuda,
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_steps": 1,
+            "disable_tqdm": True,
+            "dataloader_num_workers": 0,
+            "seed": 0,
+            "activation_checkpointing": False,  # TRL's SFTConfig turns it on by default; every variant runs without
+            "train_sampling_strategy": "sequential",  # fixed_batch's copies come in order: the same batch every step
+        }
+        | overrides
+    )
 
 
 def time_methods(base, s: dict, cuda: bool, flash: bool, tmp: str) -> dict:

@@ -186,9 +186,7 @@ def test_deepspeed_zero2_and_zero3_on_cpu_match_ddp(tmp_path):
         extra = []
         if stage is not None:
             config = tmp_path / f"{name}.json"
-            zero = {"stage": stage} | (
-                {"stage3_gather_16bit_weights_on_model_save": True} if stage == 3 else {}
-            )
+            zero = {"stage": stage}
             auto = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
             config.write_text(
                 json.dumps(
