@@ -100,11 +100,24 @@ def _training_args(cfg: TrainConfig, out: Path):
     if cfg.gradient_checkpointing:
         kwargs["activation_checkpointing_kwargs"] = {"use_reentrant": False}
     _check_sft_arg_types(cfg.sft_args, cls)
+    if cfg.sft_args.get("fsdp") and not torch.cuda.is_available():
+        # accelerate (1.15) turns FSDP on only for multi-accelerator runs: on CPU the run would silently be DDP
+        raise TrainError(
+            "sft_args fsdp: accelerate runs FSDP on GPUs only (on CPU it would silently train as plain DDP); "
+            "drop the fsdp arguments on CPU (torchrun alone gives DDP)"
+        )
     kwargs.update(cfg.sft_args)
     try:
-        return cls(**kwargs)
+        args = cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise TrainError(f"invalid training arguments: {exc}") from exc
+    if args.deepspeed and args.use_cpu and args.world_size > 1:
+        # transformers' CPU path starts torch.distributed but not DeepSpeed's own layer, so ZeRO-3's zero.Init
+        # (inside from_pretrained) would see one process; on GPUs accelerate starts it
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return args
 
 
 def _check_sft_arg_types(sft_args: dict[str, Any], cls: type) -> None:
