@@ -93,3 +93,46 @@ def test_mode_routes_sdpa_calls_and_leaves_other_ops_alone():
         other = q.exp()
     assert out.grad_fn.name().endswith("_AttentionBackward") or "Attention" in out.grad_fn.name()
     torch.testing.assert_close(other, q.exp())
+
+
+def test_penalty_and_its_parameter_gradient_equal_the_math_backend_on_a_model():
+    """The whole estimator on a tiny Llama (GQA, padding): same value and same gradient w.r.t. every parameter."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from noisyft.methods.fisher.penalty import fisher_penalty
+
+    config = LlamaConfig(
+        vocab_size=12, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).double()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9], [0, 0, 1, 4, 3, 5]])  # row 1: left padding
+    am = (ids != 0).long()
+    labels = ids.masked_fill(am == 0, -100)
+    results = {}
+    for sdpa in ("fused", "math"):
+        model.zero_grad()
+        pen = fisher_penalty(
+            model, input_ids=ids, attention_mask=am, labels=labels, sdpa=sdpa,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+        pen.backward()
+        results[sdpa] = (pen.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["fused"][0], results["math"][0])
+    assert results["fused"][0] > 0
+    for a, b in zip(results["fused"][1], results["math"][1], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_sdpa_path_is_refused():
+    from noisyft.methods.fisher.penalty import differentiable_attention
+
+    from conftest import tiny_llama
+
+    with (
+        pytest.raises(ValueError, match="sdpa must be one of"),
+        differentiable_attention(tiny_llama(), sdpa="flash"),
+    ):
+        pass
