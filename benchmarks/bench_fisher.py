@@ -151,7 +151,6 @@ def memory_of(variant: str, args) -> dict:
     model, batch, device = setup(args, args.lengths[0])
     s = Stepper(model, batch, device)
     s.step("plain")  # AdamW state exists from here on, like in training
-    s.step(variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -227,8 +226,7 @@ def paired(times, v):
 def time_cell(args, length: int, variants) -> dict:
     model, batch, device = setup(args, length)
     stepper = Stepper(model, batch, device)
-    for v in variants:  # warm-up
-        stepper.step(v)
+    stepper.step("plain")  # warm-up: AdamW state exists from here on
     times: dict[str, list[float]] = {v: [] for v in variants}
     order, rng, t0 = list(variants), random.Random(0), time.perf_counter()
     for r in range(args.max_rounds):
