@@ -278,6 +278,26 @@ def variance_cell(args, length: int, draws: int) -> dict:
     }
 
 
+def table(result: dict) -> str:
+    """The README's markdown table from a sweep JSON: time ratio [95% CI], step and total memory ratios."""
+    lines = [
+        "| threads | tokens | variant | step time x plain [95% CI] | rounds | step memory x plain | total memory x plain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in result["cells"].values():
+        for v, r in cell.get("time", {}).items():
+            if v == "plain":
+                continue
+            mem = cell.get("memory", {}).get(v)
+            step = f"{mem['step_memory_x_plain']:.2f}" if mem else "-"
+            total = f"{mem['total_memory_x_plain']:.2f}" if mem else "-"
+            lines.append(
+                f"| {cell['threads']} | {cell['batch']} x {cell['length']} | {v} | {r['x_plain']:.2f} "
+                f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r.get('rounds', '-')} | {step} | {total} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a model path")
@@ -297,6 +317,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.torch_dtype = getattr(torch, args.dtype)
@@ -311,6 +332,9 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     out = Path(args.out) if args.out else HERE / "results" / f"fisher-sweep-{device.type}-{args.model}.json"
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return 0
     result = (
         json.loads(out.read_text())
         if out.exists()
