@@ -291,15 +291,17 @@ def table(result: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for cell in result["cells"].values():
-        for v, r in cell.get("time", {}).items():
+        times, memory = cell.get("time", {}), cell.get("memory", {})
+        for v in [*times, *(m for m in memory if m not in times)]:
             if v == "plain":
                 continue
-            mem = cell.get("memory", {}).get(v)
+            r, mem = times.get(v), memory.get(v)
             step = f"{mem['step_memory_x_plain']:.2f}" if mem else "-"
             total = f"{mem['total_memory_x_plain']:.2f}" if mem else "-"
+            ratio = f"{r['x_plain']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r else "not timed"
             lines.append(
-                f"| {cell['threads']} | {cell['batch']} x {cell['length']} | {v} | {r['x_plain']:.2f} "
-                f"[{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}] | {r.get('rounds', '-')} | {step} | {total} |"
+                f"| {cell['threads']} | {cell['batch']} x {cell['length']} | {v} | {ratio} "
+                f"| {r.get('rounds', '-') if r else '-'} | {step} | {total} |"
             )
     return "\n".join(lines)
 
@@ -318,6 +320,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-rounds", type=int, default=12)
     p.add_argument("--max-seconds", type=float, default=600, help="per cell, after --min-rounds")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-time", action="store_true", help="memory only (load-independent)")
     p.add_argument("--variance", type=int, default=0, help="draws for the estimator-variance cell (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -376,7 +379,8 @@ def main(argv=None) -> int:
             if args.variance:
                 cell["variance"] = variance_cell(args, length, args.variance)
             else:
-                cell.update(time_cell(args, length, variants))
+                if not args.no_time:
+                    cell.update(time_cell(args, length, variants))
                 if not args.no_memory:
                     cell["memory"] = measure_memory(args, n_threads, length, variants)
             cell["loadavg_before_after"] = [load, os.getloadavg()]
