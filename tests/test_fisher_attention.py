@@ -78,10 +78,10 @@ def test_first_and_second_derivatives_match_math_sdpa(case):
 def test_explicit_double_backward_passes_gradcheck():
     q, k, v = _inputs(seed=3)
     do = torch.randn(B, H, L, E, dtype=torch.float64, requires_grad=True)
-    mask = torch.zeros(B, 1, L, L, dtype=torch.float64).masked_fill(~_padding_mask(left=True), float("-inf"))
+    mask = _padding_mask(left=True)
 
     def fn(q, k, v, do):
-        return _AttentionBackward.apply(q, k, v, do, mask, 0.7)
+        return _AttentionBackward.apply(q, k, v, do, mask, False, 0.7)
 
     assert torch.autograd.gradcheck(fn, (q, k, v, do))
 

@@ -76,24 +76,26 @@ class _AttentionBackward(torch.autograd.Function):
     """(Q, K, V, dO) -> (dQ, dK, dV) of softmax attention, with the explicit backward in the module docstring."""
 
     @staticmethod
-    def forward(ctx, q, k, v, do, mask, scale):
+    def forward(ctx, q, k, v, do, attn_mask, is_causal, scale):
         qf, kf, vf, dof = _up(q, k, v, do)
+        mask = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], qf)
         p = _probs(qf, kf, mask, scale)  # (B, H, L, S)
         dv = torch.matmul(p.transpose(-2, -1), dof)  # (B, H, S, E)
         dp = torch.matmul(dof, vf.transpose(-2, -1))  # (B, H, L, S)
         ds = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p).mul_(scale)  # scale * dS
         dq = torch.matmul(ds, kf)  # (B, H, L, E)
         dk = torch.matmul(ds.transpose(-2, -1), qf)  # (B, H, S, E)
-        ctx.save_for_backward(q, k, v, do, mask)
-        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, do, attn_mask)  # the caller's mask: one tensor shared by every layer
+        ctx.scale, ctx.is_causal = scale, is_causal
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gq, gk, gv):
-        q, k, v, do, mask = ctx.saved_tensors
+        q, k, v, do, attn_mask = ctx.saved_tensors
         scale = ctx.scale
         qf, kf, vf, dof = _up(q, k, v, do)
+        mask = _additive_mask(attn_mask, ctx.is_causal, q.shape[-2], k.shape[-2], qf)
         gq, gk, gv = (
             torch.zeros_like(t) if g is None else g.to(t.dtype) for g, t in ((gq, qf), (gk, kf), (gv, vf))
         )
@@ -114,7 +116,15 @@ class _AttentionBackward(torch.autograd.Function):
         )
         grad_v = torch.matmul(gdp.transpose(-2, -1), dof)
         grad_do = torch.matmul(p, gv).add_(torch.matmul(gdp, vf))
-        return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), grad_do.to(do.dtype), None, None
+        return (
+            grad_q.to(q.dtype),
+            grad_k.to(k.dtype),
+            grad_v.to(v.dtype),
+            grad_do.to(do.dtype),
+            None,
+            None,
+            None,
+        )
 
 
 class _Attention(torch.autograd.Function):
@@ -124,15 +134,14 @@ class _Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, attn_mask, is_causal, scale):
         # (B, H, L, E), fused kernel, nothing L x S kept
         out = _SDPA(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-        mask = _additive_mask(attn_mask, is_causal, q.shape[-2], k.shape[-2], q)  # small: broadcast over B, H
-        ctx.save_for_backward(q, k, v, mask)
-        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, attn_mask)
+        ctx.scale, ctx.is_causal = scale, is_causal
         return out
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, mask = ctx.saved_tensors
-        dq, dk, dv = _AttentionBackward.apply(q, k, v, do, mask, ctx.scale)
+        q, k, v, attn_mask = ctx.saved_tensors
+        dq, dk, dv = _AttentionBackward.apply(q, k, v, do, attn_mask, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
