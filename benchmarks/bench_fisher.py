@@ -1,31 +1,43 @@
-"""Fisher penalty step cost (token-F, logit-F) next to the plain step, measured side by side in one run.
+"""Fisher penalty step cost (token-F, logit-F) next to the plain step: a sweep over sequence lengths and threads.
 
-One model, one fixed batch, AdamW; variants interleaved round-robin in a fresh random order every round:
+One model, one fixed batch per length, AdamW; variants interleaved round-robin in a fresh random order every round:
 
-  plain        loss.backward(): the model as loaded (SDPA), no penalty
-  plain-math   the same with SDPA forced to its math backend (what the penalty needs), to separate kernel cost
-  token-F      shared forward and LM head: CE and token-F from the same logits (what NoisySFTTrainer does)
-  logit-F      the same with logit-F
-  token-F-2fw  the straightforward implementation: plain loss, then a second forward for fisher_penalty()
-  token-F-p25  the cheaper unbiased option: the penalty on 25% of steps, scaled by 4 (mean step time; timed on a
-               fixed 1-in-4 schedule, training draws it at random)
+  plain          loss.backward(): the model as loaded (SDPA), no penalty
+  token-F        shared forward and LM head: CE and token-F from the same logits (what NoisySFTTrainer does);
+                 the SDPA calls run noisyft's fused-forward / explicit-double-backward attention
+  logit-F        the same with logit-F
+  token-F-sub25  token-F on a random 25% subset of the predicted positions, reweighted (normalizer k = |P|/4):
+                 unbiased; is it cheaper? (the double backward still runs through every layer)
+  token-F-math   token-F with SDPA on its math backend (the previous implementation), for reference
 
-Time: median step (forward + backward + AdamW step), ratios to ``plain``. Memory: every variant runs again in its
-own fresh process (glibc told to mmap large blocks so freed memory leaves the resident set) and reports its peak
-resident set during the steps above the level before them (model, AdamW state) and the whole process's peak RSS.
-The variance of the gated estimate against the full one is measured on the same batch.
+Time: every round runs every variant once; the ratio of a variant is taken against ``plain`` *in the same round*
+(paired, so a machine shared with other jobs moves both), and summarized by the geometric mean of the per-round
+ratios with a 95% t-interval on their logarithms (a bootstrap of 3-10 rounds is not an interval). Rounds continue
+past ``--min-rounds`` until token-F's and logit-F's intervals each lie on one side of ``--target`` (the interval
+is narrower than the gap), or ``--max-rounds`` / ``--max-seconds`` is hit. ``probability=0.25`` (the gated option)
+costs ``1 + 0.25 (r - 1)`` in expectation, r token-F's ratio, from the same rounds.
 
-    .venv/bin/python benchmarks/bench_fisher.py                                   # SmolLM2-135M, batch 2 x 128
-    .venv/bin/python benchmarks/bench_fisher.py --attn eager                      # the issue's reference setting
-    .venv/bin/python benchmarks/bench_fisher.py --model tiny --rounds 6           # quick check
+Memory: every variant runs again in its own fresh process (glibc told to mmap large blocks so freed memory leaves
+the resident set): its peak resident set during the steps above the level before them (model, AdamW state:
+"step") and that peak plus the level ("total", what a GPU's ``max_memory_allocated`` reads). On CUDA the
+allocator's peaks.
 
-Results go to benchmarks/results/fisher-<device>-<model>-<attn>.json.
+``--variance`` (one length): mean and variance of the full, gated (p = 0.25) and subset (25% of positions)
+estimates over independent draws on the same batch, so that their variances compare at their measured costs.
+
+    .venv/bin/python benchmarks/bench_fisher.py --lengths 128,512,1024,2048 --threads 2     # one JSON, cell by cell
+    .venv/bin/python benchmarks/bench_fisher.py --lengths 512 --threads 1 --variance 64
+    .venv/bin/python benchmarks/bench_fisher.py --model tiny --lengths 32 --max-rounds 3    # quick check
+
+Cells (threads x length) are added to ``--out`` (default benchmarks/results/fisher-sweep-<device>-<model>.json),
+so a sweep can run in pieces.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
@@ -44,15 +56,19 @@ sys.path.insert(0, str(HERE))
 
 from bench_neftune import PeakRSS, load_model  # noqa: E402
 
-from noisyft.methods.fisher.penalty import differentiable_attention, fisher_penalty  # noqa: E402
+from noisyft.methods.fisher.penalty import (  # noqa: E402
+    capture_forward,
+    fisher_penalty,
+    fisher_penalty_from_logits,
+    logits_from_hidden,
+    next_token_targets,
+    predicted_positions,
+)
 
-VARIANTS = ("plain", "plain-math", "token-F", "logit-F", "token-F-2fw", "token-F-p25")
+VARIANTS = ("plain", "token-F", "logit-F", "token-F-sub25", "token-F-math")
 COEF = 1e-3  # any positive value: cost does not depend on it
 GATE_P = 0.25
-
-
-def load(name: str, attn: str):
-    return load_model(name, attn_implementation=attn)
+SUBSET = 0.25
 
 
 def make_batch(vocab: int, batch: int, length: int, device) -> dict[str, torch.Tensor]:
@@ -66,70 +82,89 @@ def make_batch(vocab: int, batch: int, length: int, device) -> dict[str, torch.T
     }
 
 
+def subset_penalty(model, batch, *, fraction: float, generator, create_graph=True, return_loss=False):
+    """token-F on k = ceil(fraction |P|) predicted positions drawn without replacement, normalized by k: an
+    unbiased estimate of the full penalty (each position is in the subset with probability k / |P|)."""
+    base = model
+    with capture_forward(model) as cap:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False, logits_to_keep=1)
+    pred = predicted_positions(
+        tuple(batch["input_ids"].shape), labels=batch["labels"], device=cap.embeds.device
+    )
+    hidden = cap.hidden[pred]  # (N, D)
+    n = hidden.shape[0]
+    k = max(1, math.ceil(fraction * n))
+    idx = torch.randperm(n, generator=generator, device=hidden.device)[:k]
+    penalty = fisher_penalty_from_logits(
+        cap.embeds, logits_from_hidden(base, hidden[idx]), generator=generator, create_graph=create_graph
+    )
+    if not return_loss:
+        return penalty
+    logits = logits_from_hidden(base, hidden)  # the CE on every position, as the trainer computes it
+    targets = next_token_targets(batch["input_ids"], pred, batch["labels"])
+    return penalty, torch.nn.functional.cross_entropy(logits, targets)
+
+
 class Stepper:
     def __init__(self, model, batch, device):
         self.model, self.batch, self.device = model, batch, device
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.calls = 0
 
     def loss(self, variant: str) -> torch.Tensor:
         m, b = self.model, self.batch
-        if variant == "token-F-p25":
-            # timing: a fixed 1-in-4 schedule, so the mean over steps is the cost at probability 0.25 (training
-            # draws the gate at random; the expected cost is the same)
-            self.calls += 1
-            variant = "token-F" if self.calls % round(1 / GATE_P) == 0 else "plain"
-            scale = 1 / GATE_P
-        else:
-            scale = 1.0
         if variant == "plain":
             return m(**b).loss
-        if variant == "plain-math":
-            with differentiable_attention(m):
-                return m(**b).loss
-        if variant in ("token-F", "logit-F"):
-            kind = "token" if variant == "token-F" else "logit"
-            pen, ce = fisher_penalty(m, **b, kind=kind, generator=self.gen, return_loss=True)
-            return ce + COEF * scale * pen
-        if variant == "token-F-2fw":
-            ce = m(**b).loss
-            return ce + COEF * fisher_penalty(m, **b, generator=self.gen)
+        if variant in ("token-F", "logit-F", "token-F-math"):
+            kind = "logit" if variant == "logit-F" else "token"
+            sdpa = "math" if variant == "token-F-math" else "fused"
+            pen, ce = fisher_penalty(m, **b, kind=kind, generator=self.gen, return_loss=True, sdpa=sdpa)
+            return ce + COEF * pen
+        if variant == "token-F-sub25":
+            pen, ce = subset_penalty(m, b, fraction=SUBSET, generator=self.gen, return_loss=True)
+            return ce + COEF * pen
         raise ValueError(variant)
 
     def step(self, variant: str) -> float:
+        """Wall seconds of one step; the process's CPU seconds of it go to ``self.cpu_s``."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         self.loss(variant).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        self.cpu_s = time.process_time() - c0
         return time.perf_counter() - t0
+
+
+def setup(args, length: int):
+    device = torch.device(args.device)
+    model = (
+        load_model(args.model, attn_implementation="sdpa").to(device=device, dtype=args.torch_dtype).train()
+    )
+    batch = make_batch(model.config.vocab_size, args.batch, length, device)
+    return model, batch, device
 
 
 def memory_of(variant: str, args) -> dict:
     """Run one variant in this (fresh) process: peak memory of its steps above the level before them."""
-    device = torch.device(args.device)
-    model = load(args.model, args.attn).to(device).train()
-    s = Stepper(model, make_batch(model.config.vocab_size, args.batch, args.length, device), device)
+    model, batch, device = setup(args, args.lengths[0])
+    s = Stepper(model, batch, device)
     s.step("plain")  # AdamW state exists from here on, like in training
-    for _ in range(2):
-        s.step(variant)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        for _ in range(args.memory_steps):
-            s.step(variant)
+        s.step(variant)
+        peak = torch.cuda.max_memory_allocated()
         return {
-            "step_peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20,
-            "process_peak_mb": torch.cuda.max_memory_allocated() / 2**20,
+            "pre_step_mb": base / 2**20,
+            "step_peak_mb": (peak - base) / 2**20,
             "source": "cuda allocator",
         }
     with PeakRSS() as rss:
-        for _ in range(args.memory_steps):
-            s.step(variant)
+        s.step(variant)
     return {
         "pre_step_mb": rss.base / 2**20,  # model, AdamW state, torch and Python
         "step_peak_mb": rss.growth / 2**20,
@@ -138,164 +173,235 @@ def memory_of(variant: str, args) -> dict:
     }
 
 
-def measure_memory(args) -> dict[str, dict]:
-    """Each variant in its own fresh process (glibc returns large freed blocks to the OS)."""
+def measure_memory(args, threads: int, length: int, variants) -> dict[str, dict]:
     memory = {}
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--memory-only", v, "--model", args.model, "--attn", args.attn]
-        cmd += ["--batch", str(args.batch), "--length", str(args.length), "--device", args.device]
-        cmd += ["--memory-steps", str(args.memory_steps)]
+    for v in variants:
+        cmd = [sys.executable, __file__, "--memory-only", v, "--model", args.model, "--dtype", args.dtype]
+        cmd += ["--batch", str(args.batch), "--lengths", str(length), "--threads", str(threads)]
+        cmd += ["--device", args.device]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
         memory[v] = json.loads(res.stdout.strip().splitlines()[-1])
         print(
-            f"memory {v}: {memory[v]['step_peak_mb']:.0f} MB over the pre-step level "
-            f"({memory[v].get('pre_step_mb', float('nan')):.0f} MB: model, AdamW state)",
+            f"  memory {v}: step {memory[v]['step_peak_mb']:.0f} MB over {memory[v]['pre_step_mb']:.0f}",
             flush=True,
         )
+    p = memory["plain"]
+    for m in memory.values():
+        m["total_mb"] = m["pre_step_mb"] + m["step_peak_mb"]
+        m["step_memory_x_plain"] = m["step_peak_mb"] / p["step_peak_mb"]
+        m["total_memory_x_plain"] = m["total_mb"] / (p["pre_step_mb"] + p["step_peak_mb"])
     return memory
 
 
-def memory_fields(memory: dict[str, dict], v: str) -> dict[str, float]:
-    """Step memory (above model + AdamW state) and total (pre-step level + step peak), and their ratios."""
-    m, p = memory[v], memory["plain"]
-    out = {"step_peak_mb": m["step_peak_mb"], "step_memory_x_plain": m["step_peak_mb"] / p["step_peak_mb"]}
-    if "pre_step_mb" in m and "pre_step_mb" in p:
-        total, total_p = m["pre_step_mb"] + m["step_peak_mb"], p["pre_step_mb"] + p["step_peak_mb"]
-        out.update(
-            {"pre_step_mb": m["pre_step_mb"], "total_mb": total, "total_memory_x_plain": total / total_p}
-        )
-    return out
+def ratio_summary(ratios: list[float]) -> dict:
+    """Geometric mean of paired per-round ratios and a 95% t-interval on their logarithms."""
+    from scipy import stats
+
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    half = (
+        stats.t.ppf(0.975, len(logs) - 1) * statistics.stdev(logs) / len(logs) ** 0.5
+        if len(logs) > 1
+        else math.inf
+    )
+    return {
+        "x_plain": math.exp(mean),
+        "ci95": [math.exp(mean - half), math.exp(mean + half)],
+        "rounds": len(ratios),
+    }
 
 
-def gated_variance(model, batch, device, draws: int) -> dict:
-    """Mean and variance of the full estimate R (over y') and of the gated one (B/p) R, B ~ Bernoulli(p)."""
+def decided(times, target: float) -> bool:
+    for v in ("token-F", "logit-F"):
+        if v in times:
+            lo, hi = ratio_summary(paired(times, v))["ci95"]
+            if lo <= target <= hi:
+                return False
+    return True
+
+
+def paired(times, v):
+    return [a / b for a, b in zip(times[v], times["plain"], strict=True)]
+
+
+def time_cell(args, length: int, variants) -> dict:
+    model, batch, device = setup(args, length)
+    stepper = Stepper(model, batch, device)
+    stepper.step("plain")  # warm-up: AdamW state exists from here on
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu: dict[str, list[float]] = {v: [] for v in variants}
+    order, rng, t0 = list(variants), random.Random(0), time.perf_counter()
+    for r in range(args.max_rounds):
+        rng.shuffle(order)
+        for v in order:
+            times[v].append(stepper.step(v))
+            cpu[v].append(stepper.cpu_s)
+        print(f"  round {r + 1}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in variants), flush=True)
+        if r + 1 >= args.min_rounds and (
+            decided(times, args.target) or time.perf_counter() - t0 > args.max_seconds
+        ):
+            break
+    rows = {}
+    for v in variants:
+        rows[v] = {"median_step_s": statistics.median(times[v]), **ratio_summary(paired(times, v))}
+        # CPU seconds of this process: less moved by other jobs on a shared machine than wall time
+        rows[v]["cpu"] = {"median_step_s": statistics.median(cpu[v]), **ratio_summary(paired(cpu, v))}
+    r = rows["token-F"]
+    rows["token-F-gated-p25 (expected)"] = {
+        "x_plain": 1 + GATE_P * (r["x_plain"] - 1),
+        "ci95": [1 + GATE_P * (c - 1) for c in r["ci95"]],
+    }
+    return {"time": rows, "raw_times_s": times, "raw_cpu_s": cpu}
+
+
+def variance_cell(args, length: int, draws: int) -> dict:
+    """Full, gated and subset estimates: mean and variance over independent draws (create_graph=False)."""
+    model, batch, device = setup(args, length)
     gen = torch.Generator(device=device).manual_seed(1)
-    vals = torch.stack(
-        [fisher_penalty(model, **batch, generator=gen, create_graph=False).detach() for _ in range(draws)]
-    ).double()
-    gate = torch.rand(draws, generator=torch.Generator().manual_seed(2), dtype=torch.float64) < GATE_P
-    gated = vals * gate.to(vals.device) / GATE_P
-    mean, var = vals.mean().item(), vals.var().item()
+    full = torch.stack(
+        [fisher_penalty(model, **batch, generator=gen, create_graph=False) for _ in range(draws)]
+    )
+    sub = torch.stack(
+        [
+            subset_penalty(model, batch, fraction=SUBSET, generator=gen, create_graph=False)
+            for _ in range(draws)
+        ]
+    )
+    full, sub = full.detach().double(), sub.detach().double()
+    mean, var = full.mean().item(), full.var().item()
+    gated_var = (var + mean**2) / GATE_P - mean**2  # Var[(B/p) R] = E[R^2]/p - E[R]^2, B ~ Bernoulli(p)
     return {
         "draws": draws,
         "full": {"mean": mean, "var": var, "cv": var**0.5 / mean},
-        "gated_p25_measured": {"mean": gated.mean().item(), "var": gated.var().item()},
-        # Var[(B/p) R] = E[R^2]/p - E[R]^2
-        "gated_p25_expected_var": (var + mean**2) / GATE_P - mean**2,
-        "variance_ratio_gated_over_full": ((var + mean**2) / GATE_P - mean**2) / var,
+        "gated_p25": {"mean": mean, "var": gated_var, "var_x_full": gated_var / var},
+        "subset_25pct": {
+            "mean": sub.mean().item(),
+            "mean_se": (sub.var().item() / draws) ** 0.5,
+            "var": sub.var().item(),
+            "var_x_full": sub.var().item() / var,
+        },
     }
+
+
+def table(result: dict) -> str:
+    """The README's markdown table from a sweep JSON: time ratio [95% CI], step and total memory ratios."""
+    lines = [
+        "| threads | tokens | variant | step time x plain [95% CI] | rounds | step memory x plain | total memory x plain |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for cell in result["cells"].values():
+        times, memory = cell.get("time", {}), cell.get("memory", {})
+        for v in [*times, *(m for m in memory if m not in times)]:
+            if v == "plain":
+                continue
+            r, mem = times.get(v), memory.get(v)
+            step = f"{mem['step_memory_x_plain']:.2f}" if mem else "-"
+            total = f"{mem['total_memory_x_plain']:.2f}" if mem else "-"
+            ratio = f"{r['x_plain']:.2f} [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]" if r else "not timed"
+            lines.append(
+                f"| {cell['threads']} | {cell['batch']} x {cell['length']} | {v} | {ratio} "
+                f"| {r.get('rounds', '-') if r else '-'} | {step} | {total} |"
+            )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or a model path")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=10, help="timed rounds (each runs every variant once)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--memory-steps", type=int, default=3)
-    p.add_argument("--variance-draws", type=int, default=64)
+    p.add_argument("--lengths", default="128,512,1024,2048", help="tokens per row, comma-separated")
+    p.add_argument("--threads", default="2", help="torch CPU threads, comma-separated")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument(
+        "--target", type=float, default=2.0, help="stop once token-F / logit-F intervals exclude this"
+    )
+    p.add_argument("--min-rounds", type=int, default=3)
+    p.add_argument("--max-rounds", type=int, default=12)
+    p.add_argument("--max-seconds", type=float, default=600, help="per cell, after --min-rounds")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-time", action="store_true", help="memory only (load-independent)")
+    p.add_argument("--variance", type=int, default=0, help="draws for the estimator-variance cell (0: none)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
     p.add_argument("--memory-only", default=None, help=argparse.SUPPRESS)
-    p.add_argument(
-        "--memory-rerun", action="store_true", help="re-measure memory into an existing --out file"
-    )
+    p.add_argument("--table", action="store_true", help="print the markdown table of --out and exit")
     args = p.parse_args(argv)
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.torch_dtype = getattr(torch, args.dtype)
+    threads = [int(x) for x in args.threads.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    if "plain" not in variants or "token-F" not in variants:
+        raise SystemExit("--variants must include plain and token-F")
     if args.memory_only:
+        torch.set_num_threads(threads[0])
         print(json.dumps(memory_of(args.memory_only, args)))
-        return 0
-    if args.memory_rerun:
-        out = Path(args.out)
-        result = json.loads(out.read_text())
-        memory = measure_memory(args)
-        for v, row in result["variants"].items():
-            for key in ("process_peak_mb", "process_memory_x_plain"):
-                row.pop(key, None)
-            row.update(memory_fields(memory, v))
-        result["memory_measured"] = datetime.now().isoformat(timespec="seconds")
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, out)
-        print(f"updated {out}")
         return 0
 
     device = torch.device(args.device)
-    model = load(args.model, args.attn).to(device).train()
-    batch = make_batch(model.config.vocab_size, args.batch, args.length, device)
-    stepper = Stepper(model, batch, device)
-    for _ in range(args.warmup):
-        for v in VARIANTS:
-            stepper.step(v)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    order = list(VARIANTS)
-    rng = random.Random(0)
-    for r in range(args.rounds):
-        rng.shuffle(order)
-        for v in order:
-            times[v].append(stepper.step(v))
-        print(
-            f"round {r + 1}/{args.rounds}: " + ", ".join(f"{v} {times[v][-1]:.2f}s" for v in VARIANTS),
-            flush=True,
-        )
-
-    variance = gated_variance(model, batch, device, args.variance_draws)
-
-    memory = measure_memory(args)
-
-    plain_t = statistics.median(times["plain"])
-    rows = {}
-    for v in VARIANTS:
-        med = statistics.median(times[v]) if v != "token-F-p25" else statistics.mean(times[v])
-        rows[v] = {
-            "step_s": med,
-            "statistic": "mean" if v == "token-F-p25" else "median",
-            "quartiles_s": statistics.quantiles(times[v], n=4) if len(times[v]) >= 2 else None,
-            "time_x_plain": med / plain_t,
-            **memory_fields(memory, v),
+    out = Path(args.out) if args.out else HERE / "results" / f"fisher-sweep-{device.type}-{args.model}.json"
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return 0
+    result = (
+        json.loads(out.read_text())
+        if out.exists()
+        else {"benchmark": "fisher penalty step cost sweep", "cells": {}}
+    )
+    result.update(
+        {
+            "model": args.model,
+            "dtype": args.dtype,
+            "batch_rows": args.batch,
+            "num_samples": 1,
+            "masks": "full (every position predicted, no padding)",
+            "device": str(device),
+            "cpu": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "gate_probability": GATE_P,
+            "subset_fraction": SUBSET,
+            "ratio_statistic": "geometric mean of per-round paired ratios, 95% t-interval on the logs",
         }
-    result = {
-        "benchmark": "fisher penalty step cost",
-        "command": "python benchmarks/bench_fisher.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
-        "when": datetime.now().isoformat(timespec="seconds"),
-        "model": args.model,
-        "attn_implementation": args.attn,
-        "batch": [args.batch, args.length],
-        "num_samples": 1,
-        "masks": "full (every position predicted, no padding)",
-        "device": str(device),
-        "cpu": platform.processor() or platform.machine(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "rounds": args.rounds,
-        "gate_probability": GATE_P,
-        "variants": rows,
-        "expected_gated_time_x_plain": 1 + GATE_P * (rows["token-F"]["time_x_plain"] - 1),
-        "gated_variance": variance,
-        "raw_times_s": times,
-    }
-    out = (
-        Path(args.out)
-        if args.out
-        else HERE / "results" / f"fisher-{device.type}-{args.model}-{args.attn}.json"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
-    print(f"\n{'variant':<13} {'step':>8} {'x plain':>8} {'mem x plain':>12}")
-    for v, r in rows.items():
-        print(f"{v:<13} {r['step_s']:>7.2f}s {r['time_x_plain']:>8.2f} {r['step_memory_x_plain']:>12.2f}")
-    print(
-        f"gated p={GATE_P}: variance x{variance['variance_ratio_gated_over_full']:.1f} of the full estimate"
-    )
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        for length in args.lengths:
+            key = f"{n_threads}t-{length}"
+            print(f"cell {key} (batch {args.batch} x {length}, {n_threads} threads)", flush=True)
+            load = os.getloadavg()
+            cell = {
+                "threads": n_threads,
+                "length": length,
+                "batch": args.batch,
+                "when": datetime.now().isoformat(timespec="seconds"),
+            }
+            if args.variance:
+                cell["variance"] = variance_cell(args, length, args.variance)
+            else:
+                if not args.no_time:
+                    cell.update(time_cell(args, length, variants))
+                if not args.no_memory:
+                    cell["memory"] = measure_memory(args, n_threads, length, variants)
+            cell["loadavg_before_after"] = [load, os.getloadavg()]
+            cell["command"] = "python benchmarks/bench_fisher.py " + " ".join(
+                argv if argv is not None else sys.argv[1:]
+            )
+            key = key + ("-variance" if args.variance else "")
+            result["cells"][key] = {**result["cells"].get(key, {}), **cell}
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(".tmp")
+            tmp.write_text(json.dumps(result, indent=2) + "\n")
+            os.replace(tmp, out)
+            for v, r in cell.get("time", {}).items():
+                mem = cell.get("memory", {}).get(v, {})
+                print(
+                    f"  {v:<28} {r['x_plain']:.2f}x [{r['ci95'][0]:.2f}, {r['ci95'][1]:.2f}]"
+                    + (f"  total mem {mem['total_memory_x_plain']:.2f}x" if mem else ""),
+                    flush=True,
+                )
+            if "variance" in cell:
+                print("  " + json.dumps(cell["variance"]), flush=True)
     print(f"wrote {out}")
     return 0
 

@@ -36,9 +36,11 @@ positions) next to a mean cross-entropy converts as ``coef = c_sum * |P|`` (|P| 
 step); if that setup also summed the loss, the objective is ours times |P| and the coefficient carries over as is.
 
 Attention kernels. The penalty differentiates a gradient, so the forward pass needs a double-backward graph.
-Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have none; :func:`differentiable_attention`
-switches SDPA to its math backend for that forward pass (logged once) and refuses kernels it cannot switch
-(flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
+Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have none, and SDPA's math backend keeps
+several L x L tensors per layer in the second-order graph; :func:`differentiable_attention` routes SDPA calls of
+that forward pass to ``noisyft.methods.fisher.attention`` (the fused kernel forward, an explicit double backward
+that recomputes the probabilities; ``sdpa="math"`` keeps the math backend as the reference) and refuses kernels it
+cannot switch (flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
 
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
 ``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
@@ -56,6 +58,7 @@ import torch
 
 from noisyft._torch import unwrap_model
 
+from .attention import FusedDoubleBackwardSDPA
 from .config import KINDS, SAMPLINGS
 
 logger = logging.getLogger(__name__)
@@ -124,16 +127,23 @@ def _recompute_under(modules: list[torch.nn.Module], make_context) -> Iterator[N
             module._gradient_checkpointing_func = func
 
 
+SDPA_PATHS = ("fused", "math")
+
+
 @contextlib.contextmanager
-def differentiable_attention(model: torch.nn.Module) -> Iterator[str]:
+def differentiable_attention(model: torch.nn.Module, *, sdpa: str = "fused") -> Iterator[str]:
     """Run the body with an attention path that has a double backward; yields the implementation used.
 
-    ``eager`` attention is plain autograd ops. ``sdpa`` is switched to ``SDPBackend.MATH`` for the body (the fused
-    kernels, including the CPU flash kernel, raise "derivative for ... _scaled_dot_product_flash_attention_for_cpu
-    _backward is not implemented"); logged once. Other kernels and reentrant gradient checkpointing raise
-    ``ValueError``: switching them silently could change which tokens attend to which (padding-free batches rely
-    on the flash kernel's sequence boundaries). Raises :class:`FisherSetupError` (a ``ValueError``).
+    ``eager`` attention is plain autograd ops. ``sdpa`` calls go, for the body, to
+    :func:`noisyft.methods.fisher.attention.attention` (``sdpa="fused"``: the fused kernel forward and an explicit
+    double backward that keeps no L x L tensor) or to ``SDPBackend.MATH`` (``sdpa="math"``: the reference; the
+    fused kernels alone raise "derivative for ... _scaled_dot_product_flash_attention_for_cpu_backward is not
+    implemented"); logged once. Other kernels and reentrant gradient checkpointing raise ``ValueError``: switching
+    them silently could change which tokens attend to which (padding-free batches rely on the flash kernel's
+    sequence boundaries). Raises :class:`FisherSetupError` (a ``ValueError``).
     """
+    if sdpa not in SDPA_PATHS:
+        raise ValueError(f"sdpa must be one of {SDPA_PATHS}, got {sdpa!r}")
     base = unwrap_model(model)
     config = getattr(base, "config", None)
     impl = getattr(config, "_attn_implementation", None) or "eager"
@@ -144,17 +154,22 @@ def differentiable_attention(model: torch.nn.Module) -> Iterator[str]:
     if impl != "sdpa":
         raise FisherSetupError(
             f"The Fisher penalty needs the second derivative of the attention, which attn_implementation={impl!r} "
-            f"does not provide. Load the model with attn_implementation='sdpa' (the default; noisyft then uses "
-            f"its math backend for the penalized forward pass) or 'eager'."
+            f"does not provide. Load the model with attn_implementation='sdpa' (the default; noisyft then routes "
+            f"the penalized forward pass through an attention with a double backward) or 'eager'."
         )
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    if sdpa == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
+        _log_once("Fisher penalty: SDPA runs on its math backend for the penalized forward passes.")
+        with sdpa_kernel(SDPBackend.MATH), _recompute_under(checkpointed, _MathSDPA):
+            yield "math-sdpa"
+        return
     _log_once(
-        "Fisher penalty: SDPA runs on its math backend for the penalized forward passes (the fused kernels have "
-        "no double backward)."
+        "Fisher penalty: SDPA calls of the penalized forward passes run the fused kernel forward with an explicit "
+        "double backward (noisyft.methods.fisher.attention)."
     )
-    with sdpa_kernel(SDPBackend.MATH), _recompute_under(checkpointed, _MathSDPA):
-        yield "math-sdpa"
+    with FusedDoubleBackwardSDPA(), _recompute_under(checkpointed, FusedDoubleBackwardSDPA):
+        yield "sdpa-fused-double-backward"
 
 
 # -- model pieces ---------------------------------------------------------------------------------------------------
@@ -365,13 +380,13 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def capture_forward(model: torch.nn.Module) -> Iterator[_Capture]:
+def capture_forward(model: torch.nn.Module, *, sdpa: str = "fused") -> Iterator[_Capture]:
     """Within the body, the first grad-enabled forward of ``model`` leaves its embeddings and final hidden state
     in the yielded object, over an attention path with a double backward (:func:`differentiable_attention`)."""
     base = unwrap_model(model)
     capture = _Capture(base)
     try:
-        with differentiable_attention(base):
+        with differentiable_attention(base, sdpa=sdpa):
             yield capture
     finally:
         capture.remove()
@@ -391,6 +406,7 @@ def fisher_penalty(
     reduction: str = "mean",
     create_graph: bool = True,
     return_loss: bool = False,
+    sdpa: str = "fused",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token-F / logit-F penalty of a causal LM on a batch: a scalar that back-propagates into the parameters.
 
@@ -402,10 +418,10 @@ def fisher_penalty(
     train/eval mode is left as it is (dropout applies in train mode). See :func:`fisher_penalty_from_logits` for
     ``reduction`` and ``create_graph``. ``return_loss=True`` also returns the mean cross-entropy over the same
     predicted positions, computed from the same logits (one forward pass, one LM-head product for both):
-    ``(penalty, loss)``.
+    ``(penalty, loss)``. ``sdpa``: see :func:`differentiable_attention`.
     """
     base = unwrap_model(model)
-    with capture_forward(model) as cap:
+    with capture_forward(model, sdpa=sdpa) as cap:
         embeds = base.get_input_embeddings()(input_ids)  # (B, T, D)
         if not embeds.requires_grad:
             embeds = embeds.detach().requires_grad_()
