@@ -231,3 +231,38 @@ def test_padded_batches_in_trl_get_zero_noise_on_padding_and_labels_reach_the_ho
         assert torch.all(noise[mask == 0] == 0)
         assert torch.all(noise[labels == -100] == 0)  # response_only: prompt tokens clean
         assert noise[labels != -100].abs().max() > 0
+
+
+def test_resuming_a_checkpoint_at_max_steps_trains_no_extra_step(tmp_path):
+    """transformers checks max_steps only after a step; from a checkpoint at the last step it would train one more.
+    Ours loads the checkpoint's weights and state and runs no step."""
+    args = _args(tmp_path, save_strategy="steps", save_steps=2, max_steps=2)
+    done = _train(tmp_path, args=args, neftune=NEFTuneConfig(alpha=5.0))
+    ckpt = tmp_path / "out" / "checkpoint-2"
+    from noisyft import NoisySFTTrainer
+
+    again = NoisySFTTrainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=_dataset(),
+        processing_class=tiny_tokenizer(),
+        neftune=NEFTuneConfig(alpha=5.0),
+    )
+    out = again.train(resume_from_checkpoint=str(ckpt))
+    assert out.global_step == 2 and again.state.global_step == 2
+    assert max(h.get("step", 0) for h in again.state.log_history) == 2
+    pd, pa = _params(done.model), _params(again.model)
+    assert all(torch.equal(pd[n], pa[n]) for n in pd)
+    assert any(
+        not torch.equal(pa[n], p) for n, p in _params(tiny_llama()).items()
+    )  # trained weights, not init
+
+    # a longer run (max_steps 3) from the same checkpoint does train on
+    longer = NoisySFTTrainer(
+        model=tiny_llama(),
+        args=_args(tmp_path, save_strategy="no", max_steps=3),
+        train_dataset=_dataset(),
+        processing_class=tiny_tokenizer(),
+        neftune=NEFTuneConfig(alpha=5.0),
+    )
+    assert longer.train(resume_from_checkpoint=str(ckpt)).global_step == 3

@@ -145,6 +145,20 @@ class NoisyTrainerMixin:
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        finished = self._finished_checkpoint_state(resume_from_checkpoint)
+        if finished is not None:
+            # transformers checks max_steps only after a step: resuming here would train one step too many
+            from transformers.trainer_utils import TrainOutput
+
+            logger.warning(
+                "checkpoint %s is at step %d of %d: training is complete; its weights are loaded, no step is run",
+                resume_from_checkpoint,
+                finished.global_step,
+                finished.max_steps,
+            )
+            self._load_from_checkpoint(resume_from_checkpoint)
+            self.state = finished
+            return TrainOutput(finished.global_step, float("nan"), {"resumed_finished_checkpoint": 1.0})
         fresh = resume_from_checkpoint in (None, False)
         attached: list[MethodPlugin] = []
         try:
@@ -156,6 +170,23 @@ class NoisyTrainerMixin:
         finally:
             for plugin in reversed(attached):
                 plugin.after_train(self, self.model)
+
+    def _finished_checkpoint_state(self, checkpoint):
+        """The checkpoint's TrainerState when it already reached this run's max_steps (else None)."""
+        if (
+            not isinstance(checkpoint, (str, os.PathLike))
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
+            return None
+        path = os.path.join(checkpoint, "trainer_state.json")
+        if not os.path.isfile(path):
+            return None
+        from transformers import TrainerState
+
+        state = TrainerState.load_from_json(path)
+        target = self.args.max_steps if self.args.max_steps > 0 else state.max_steps
+        return state if target > 0 and state.global_step >= target else None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         parent = super().compute_loss
