@@ -388,6 +388,7 @@ def main(argv=None) -> int:
         "warmup": args.warmup,
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(),
         "cpu_threads": torch.get_num_threads(),
+        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],  # other jobs on the machine
         "host": platform.node(),
         "torch": torch.__version__,
         "memory_note": "CUDA: allocator peak above the pre-step level; CPU: peak RSS growth during the step "
