@@ -38,7 +38,8 @@ step); if that setup also summed the loss, the objective is ours times |P| and t
 Attention kernels. The penalty differentiates a gradient, so the forward pass needs a double-backward graph.
 Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have none; :func:`differentiable_attention`
 switches SDPA to its math backend for that forward pass (logged once) and refuses kernels it cannot switch
-(flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
+(flash_attention_2/3, flex attention), reentrant gradient checkpointing and FSDP2-sharded models (``fully_shard``
+frees gathered weights after the first of the two backward passes) with a clear error.
 
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
 ``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
@@ -94,6 +95,22 @@ def _checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def _refuse_fsdp2(model: torch.nn.Module) -> None:
+    """FSDP2 (``fully_shard``) frees each layer's gathered weights after its part of a backward pass; the penalty's
+    ``torch.autograd.grad`` is such a pass, so the loss's backward then runs the same graph over freed storage (a
+    two-process CPU run of a tiny Llama crashed with a segmentation fault in it). Refuse rather than crash."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        raise FisherSetupError(
+            "The Fisher penalty (and the Fisher diagnostic) cannot run on a model sharded with FSDP2 (fully_shard): "
+            "it back-propagates twice through one forward pass, and FSDP2 frees the gathered weights after the first "
+            "backward. Use DDP (plain torchrun), or drop the Fisher method for FSDP runs."
+        )
+
+
 class _MathSDPA:
     """A re-enterable ``sdpa_kernel(SDPBackend.MATH)``: checkpoint recomputation may enter it more than once."""
 
@@ -135,6 +152,7 @@ def differentiable_attention(model: torch.nn.Module) -> Iterator[str]:
     on the flash kernel's sequence boundaries). Raises :class:`FisherSetupError` (a ``ValueError``).
     """
     base = unwrap_model(model)
+    _refuse_fsdp2(base)
     config = getattr(base, "config", None)
     impl = getattr(config, "_attn_implementation", None) or "eager"
     checkpointed = _checkpointed_modules(base)
