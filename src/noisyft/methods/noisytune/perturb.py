@@ -142,6 +142,10 @@ def noisytune_(
     std, a single element, non-float, meta, non-finite) get a record with ``skipped`` set and keep their
     values. The noise is drawn in float32 (float64 for float64 tensors) on the parameter's device from
     `generator` (or torch's global RNG) and cast to the parameter's dtype before it is added.
+
+    Sharded parameters (FSDP2 ``fully_shard``: DTensors) get the perturbation of the unsharded model: the std is
+    the whole tensor's (gathered with ``full_tensor()``, one tensor at a time), every rank draws the full noise
+    from the same generator state and adds its own slice. Pass the same seed on every rank.
     """
     config = NoisyTuneConfig(
         lam=lam,
