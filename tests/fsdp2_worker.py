@@ -2,13 +2,16 @@
 Llama sharded with torch's own FSDP2 (``fully_shard`` on every decoder layer and on the root), against the same loop
 under torch DDP. One launch runs every mode and writes ``rank{r}.pt`` with what the test compares.
 
-Modes (each a plain AdamW loop over fixed per-rank batches, 5 steps):
-  noisytune  NoisyTune on the sharded model (the plugin's generator: same seed on every rank), gathered with
-             ``full_tensor()``.
-  neftune    NEFTuneHook (own stream per rank) under FSDP2 and under DDP: losses per step, and each rank's draws.
-  resume     FSDP2 + NEFTune: steps 1-2, save model/optimizer (torch.distributed.checkpoint) and the hook's
-             state_dict, rebuild everything, load, steps 3-5.
-  fisher     loss + coef * fisher_penalty under FSDP2 and under DDP (or the refusal message).
+Modes (each a plain AdamW loop over fixed per-rank batches, 5 steps, after one untimed warm-up run of each wrapper):
+  noisytune          NoisyTune on the sharded model (the plugin's generator: same seed on every rank), gathered with
+                     ``full_tensor()``.
+  plain, neftune,    under FSDP2 and under DDP: losses per step, wall time, final full weights and (NEFTune) each
+  noisytune_neftune  rank's draws; NEFTuneHook seeded per rank as the trainer does.
+  resume             FSDP2 + NEFTune: steps 1-2, save model/optimizer (torch.distributed.checkpoint) and the hook's
+                     state_dict, rebuild everything, load, steps 3-5.
+  fisher             cross-entropy + coef * penalty computed as FisherPlugin.compute_loss does, under FSDP2 (the
+                     refusal message) and under DDP.
+A mode that raises on both ranks is stored as ``{"error": ...}``, so it fails its own test only.
 """
 
 from __future__ import annotations
