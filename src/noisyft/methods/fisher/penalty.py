@@ -40,7 +40,8 @@ Fused SDPA kernels (flash / memory-efficient, and the CPU flash kernel) have non
 several L x L tensors per layer in the second-order graph; :func:`differentiable_attention` routes SDPA calls of
 that forward pass to ``noisyft.methods.fisher.attention`` (the fused kernel forward, an explicit double backward
 that recomputes the probabilities; ``sdpa="math"`` keeps the math backend as the reference) and refuses kernels it
-cannot switch (flash_attention_2/3, flex attention) and reentrant gradient checkpointing with a clear error.
+cannot switch (flash_attention_2/3, flex attention), reentrant gradient checkpointing and FSDP2-sharded models
+(``fully_shard`` frees gathered weights after the first of the two backward passes) with a clear error.
 
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
 ``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
@@ -97,6 +98,22 @@ def _checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     return found
 
 
+def _refuse_fsdp2(model: torch.nn.Module) -> None:
+    """FSDP2 (``fully_shard``) frees each layer's gathered weights after its part of a backward pass; the penalty's
+    ``torch.autograd.grad`` is such a pass, so the loss's backward then runs the same graph over freed storage (a
+    two-process CPU run of a tiny Llama crashed with a segmentation fault in it). Refuse rather than crash."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return
+    if any(isinstance(module, FSDPModule) for module in model.modules()):
+        raise FisherSetupError(
+            "The Fisher penalty (and the Fisher diagnostic) cannot run on a model sharded with FSDP2 (fully_shard): "
+            "it back-propagates twice through one forward pass, and FSDP2 frees the gathered weights after the first "
+            "backward. Use DDP (plain torchrun), or drop the Fisher method for FSDP runs."
+        )
+
+
 class _MathSDPA:
     """A re-enterable ``sdpa_kernel(SDPBackend.MATH)``: checkpoint recomputation may enter it more than once."""
 
@@ -145,6 +162,7 @@ def differentiable_attention(model: torch.nn.Module, *, sdpa: str = "fused") -> 
     if sdpa not in SDPA_PATHS:
         raise ValueError(f"sdpa must be one of {SDPA_PATHS}, got {sdpa!r}")
     base = unwrap_model(model)
+    _refuse_fsdp2(base)
     config = getattr(base, "config", None)
     impl = getattr(config, "_attn_implementation", None) or "eager"
     checkpointed = _checkpointed_modules(base)

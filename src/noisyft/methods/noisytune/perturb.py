@@ -58,6 +58,32 @@ def _var_mean(t: torch.Tensor) -> tuple[float, float]:
     return float(var), float(mean)
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """A parameter sharded by FSDP2 / tensor parallelism (``torch.distributed.tensor.DTensor``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    """All the values of ``param``: a sharded DTensor is gathered (``full_tensor()``) so its std is the whole
+    matrix's, as in the unsharded model; a plain tensor is returned as is."""
+    return param.detach().full_tensor() if _is_dtensor(param) else param.detach()
+
+
+def _add_(param: torch.Tensor, delta: torch.Tensor) -> None:
+    """``param += delta`` for a full-shape ``delta``; a DTensor parameter adds its own slice of it (every rank
+    drew the same full noise from the same seed, so the shards together hold exactly that noise)."""
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        # src_data_rank=None: each rank takes its local slice of its own copy, no communication
+        delta = distribute_tensor(delta, param.device_mesh, param.placements, src_data_rank=None)
+    param.add_(delta)
+
+
 class _GeneratorPerDevice:
     """Hand out a generator for each device, all derived from the one the caller passed (if any).
 
@@ -116,6 +142,10 @@ def noisytune_(
     std, a single element, non-float, meta, non-finite) get a record with ``skipped`` set and keep their
     values. The noise is drawn in float32 (float64 for float64 tensors) on the parameter's device from
     `generator` (or torch's global RNG) and cast to the parameter's dtype before it is added.
+
+    Sharded parameters (FSDP2 ``fully_shard``: DTensors) get the perturbation of the unsharded model: the std is
+    the whole tensor's (gathered with ``full_tensor()``, one tensor at a time), every rank draws the full noise
+    from the same generator state and adds its own slice. Pass the same seed on every rank.
     """
     config = NoisyTuneConfig(
         lam=lam,
@@ -151,7 +181,7 @@ def noisytune_(
         if param.numel() < 2:
             record.skipped = SKIP_SINGLE
             continue
-        var, mean = _var_mean(param)
+        var, mean = _var_mean(_full(param))
         if not (math.isfinite(var) and math.isfinite(mean)):
             record.skipped = SKIP_NONFINITE
             continue
@@ -181,10 +211,10 @@ def noisytune_(
     generators = _GeneratorPerDevice(generator)
     for record, param, _, _ in todo:
         noise = _draw_noise(param, config.distribution, config.lam, generators.get(param.device))
-        delta = noise.mul_(record.std).to(param.dtype)
-        weight_norm = float(torch.linalg.vector_norm(param.detach().to(_stat_dtype(param))))
+        delta = noise.mul_(record.std).to(param.dtype)  # full shape, also for a sharded parameter
+        weight_norm = float(torch.linalg.vector_norm(_full(param).to(_stat_dtype(param))))
         delta_norm = float(torch.linalg.vector_norm(delta.to(_stat_dtype(param))))
-        param.add_(delta)
+        _add_(param, delta)
         record.rel_change = delta_norm / weight_norm if weight_norm > 0 else math.inf
 
     summary = summarize_records(records)
