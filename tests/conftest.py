@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -102,3 +103,33 @@ def tiny_tokenizer(vocab_size: int = VOCAB):
 @pytest.fixture
 def tokenizer():
     return tiny_tokenizer()
+
+
+def run_two_ranks(script: Path, out: Path, *, extra_env: dict | None = None, timeout: int = 300):
+    """``python -m torch.distributed.run --nproc_per_node 2 SCRIPT OUT`` on a free local port, one torch thread per
+    rank and this checkout's ``src`` first on the path; the finished process."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
+        **(extra_env or {}),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+    ]
+    cmd += ["--master_port", str(port), str(script), str(out)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

@@ -8,17 +8,13 @@ Run with ``-s`` to see the FSDP2/DDP wall-time ratio.
 
 from __future__ import annotations
 
-import os
-import socket
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import run_two_ranks, tiny_llama
 
 pytestmark = pytest.mark.slow
 
@@ -34,38 +30,13 @@ def _fully_shard_available() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_gloo_available()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """One launch of the worker; each rank's results."""
     if not _fully_shard_available():
         pytest.skip("torch.distributed.fsdp.fully_shard or gloo not available")
     out = tmp_path_factory.mktemp("fsdp2")
-    src = str(Path(__file__).resolve().parents[1] / "src")
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(Path(__file__).with_name("fsdp2_worker.py")),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_two_ranks(Path(__file__).with_name("fsdp2_worker.py"), out)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert [r["world_size"] for r in results] == [2, 2]
