@@ -65,6 +65,10 @@ from noisyft.methods.fisher.penalty import (  # noqa: E402
     predicted_positions,
 )
 
+IMPLEMENTATION = (
+    "attention: CPU flash kernel forward and first backward, blocked explicit double backward (64 query rows, "
+    "causal blocks skipped); LM head: chunked _FusedHead (128 rows), no (N, V) tensor kept"
+)
 VARIANTS = ("plain", "token-F", "logit-F", "token-F-sub25", "token-F-math")
 COEF = 1e-3  # any positive value: cost does not depend on it
 GATE_P = 0.25
@@ -284,6 +288,47 @@ def variance_cell(args, length: int, draws: int) -> dict:
     }
 
 
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_scaled_dot_product")
+
+
+def profile_cell(args, length: int, variants) -> dict:
+    """One profiled step per variant (after one warm-up step each): self CPU seconds of the matrix products
+    (mm, bmm, addmm, the fused attention kernels) and of everything else (elementwise work, reductions, copies,
+    Python), each as a ratio to the plain step's. Shows which part of a penalty step is above 2x plain."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model, batch, device = setup(args, length)
+    stepper = Stepper(model, batch, device)
+    rows, top = {}, {}
+    for v in variants:
+        stepper.step(v)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            wall = stepper.step(v)
+        events = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_cpu_time_total > 0]
+        matmul = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_OPS)) / 1e6
+        total = sum(e.self_cpu_time_total for e in events) / 1e6
+        rows[v] = {"wall_s": wall, "matmul_s": matmul, "other_s": total - matmul, "self_cpu_total_s": total}
+        events.sort(key=lambda e: -e.self_cpu_time_total)
+        top[v] = [
+            {
+                "op": e.key,
+                "shapes": str(e.input_shapes)[:120],
+                "calls": e.count,
+                "self_s": e.self_cpu_time_total / 1e6,
+            }
+            for e in events[:25]
+        ]
+    for v in variants:
+        for part in ("matmul", "other"):
+            rows[v][f"{part}_x_plain"] = rows[v][f"{part}_s"] / rows["plain"][f"{part}_s"]
+        print(
+            f"  {v:<14} wall {rows[v]['wall_s']:.1f}s  matmul {rows[v]['matmul_s']:.1f}s "
+            f"({rows[v]['matmul_x_plain']:.2f}x)  other {rows[v]['other_s']:.1f}s ({rows[v]['other_x_plain']:.2f}x)",
+            flush=True,
+        )
+    return {"rows": rows, "top_ops": top}
+
+
 def table(result: dict) -> str:
     """The README's markdown table from a sweep JSON: time ratio [95% CI], step and total memory ratios."""
     lines = [
@@ -322,6 +367,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-time", action="store_true", help="memory only (load-independent)")
     p.add_argument("--variance", type=int, default=0, help="draws for the estimator-variance cell (0: none)")
+    p.add_argument(
+        "--profile", action="store_true", help="a profiled step per variant instead of timing rounds"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--out", default=None)
@@ -362,6 +410,7 @@ def main(argv=None) -> int:
             "gate_probability": GATE_P,
             "subset_fraction": SUBSET,
             "ratio_statistic": "geometric mean of per-round paired ratios, 95% t-interval on the logs",
+            "implementation": IMPLEMENTATION,
         }
     )
     for n_threads in threads:
@@ -378,6 +427,8 @@ def main(argv=None) -> int:
             }
             if args.variance:
                 cell["variance"] = variance_cell(args, length, args.variance)
+            elif args.profile:
+                cell["profile"] = profile_cell(args, length, variants)
             else:
                 if not args.no_time:
                     cell.update(time_cell(args, length, variants))
@@ -387,7 +438,7 @@ def main(argv=None) -> int:
             cell["command"] = "python benchmarks/bench_fisher.py " + " ".join(
                 argv if argv is not None else sys.argv[1:]
             )
-            key = key + ("-variance" if args.variance else "")
+            key = key + ("-variance" if args.variance else "-profile" if args.profile else "")
             result["cells"][key] = {**result["cells"].get(key, {}), **cell}
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(".tmp")

@@ -349,3 +349,97 @@ def test_config_validation_and_warmup():
     ):
         with pytest.raises(ValueError):
             FisherConfig(**bad)
+
+
+# -- the chunked LM head (_FusedHead) against the logits path -------------------------------------------------------
+@pytest.mark.parametrize(
+    "kind,sampling,samples,tie,bias",
+    [
+        ("token", "model", 1, False, False),
+        ("logit", "model", 1, False, False),
+        ("token", "uniform", 2, False, False),
+        ("logit", "uniform", 1, True, False),
+        ("token", "model", 3, True, True),
+    ],
+)
+def test_fused_head_gives_the_logits_path_values_and_gradients(
+    kind, sampling, samples, tie, bias, monkeypatch
+):
+    """Same draws, penalty, cross-entropy, TRL statistics and gradient w.r.t. every parameter, with chunks of 2
+    rows (the last one short) and with tied embeddings (the head's gradient adds to the embedding's)."""
+    import noisyft.methods.fisher.penalty as penalty_module
+
+    monkeypatch.setattr(penalty_module, "HEAD_CHUNK_ROWS", 2)
+    model = _model(layers=2, tie=tie)
+    if bias:
+        head = torch.nn.Linear(8, V, bias=True, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.normal_(generator=torch.Generator().manual_seed(3))
+        model.lm_head = head
+    assert penalty_module.plain_head(model) is not None
+    model.train()  # parameters get gradients; no dropout in the tiny config
+    ids, am, labels = _batch()
+    results = {}
+    for fused in (True, False):
+        model.zero_grad()
+        pen, ce = fisher_penalty(
+            model, input_ids=ids, attention_mask=am, labels=labels, kind=kind, sampling=sampling,
+            num_samples=samples, generator=torch.Generator().manual_seed(5), return_loss=True, fused_head=fused,
+        )  # fmt: skip
+        (ce + 0.7 * pen).backward()
+        results[fused] = (pen.detach(), ce.detach(), [p.grad.clone() for p in model.parameters()])
+    (pen_f, ce_f, grads_f), (pen_l, ce_l, grads_l) = results[True], results[False]
+    assert pen_f > 0
+    torch.testing.assert_close(pen_f, pen_l, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ce_f, ce_l, rtol=1e-10, atol=1e-12)
+    for (name, _), a, b in zip(model.named_parameters(), grads_f, grads_l, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_fused_head_passes_gradcheck(monkeypatch):
+    import noisyft.methods.fisher.penalty as penalty_module
+
+    monkeypatch.setattr(penalty_module, "HEAD_CHUNK_ROWS", 2)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([1, 0, 6, 3, 3])
+    # token-F only: logit-F stops the gradient at p by definition, which finite differences cannot see (its
+    # gradients are pinned against the logits path above)
+    for kind, sampling in (("token", "model"), ("token", "uniform")):
+
+        def fn(h, w, b, kind=kind, sampling=sampling):
+            # the same draws on every call: gradcheck perturbs the inputs, the samples must not move
+            nll, dh, *_ = penalty_module._FusedHead.apply(
+                h, w, b, targets, kind, 2, sampling, torch.Generator().manual_seed(1)
+            )
+            return nll, dh
+
+        assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+def test_fused_head_statistics_and_fallbacks():
+    """TRL's entropy / accuracy sums from the chunks equal those of the full logits; a soft-capped head (Gemma)
+    falls back to the logits path."""
+    import noisyft.methods.fisher.penalty as penalty_module
+
+    model = _model()
+    ids, am, labels = _batch()
+    stats = {}
+    for fused in (True, False):
+        with penalty_module.capture_forward(model) as cap:
+            model.model(input_ids=ids, attention_mask=am)
+        pred = predicted_positions(tuple(ids.shape), labels=labels, attention_mask=am)
+        targets = penalty_module.next_token_targets(ids, pred, labels)
+        *_, stats[fused] = penalty_module.fisher_penalty_from_hidden(
+            model, cap.embeds, cap.hidden[pred], targets=targets, fused_head=fused,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+    logits = model.lm_head(cap.hidden[pred]).detach()
+    logp = torch.log_softmax(logits, -1)
+    torch.testing.assert_close(stats[True][0], -(logp.exp() * logp).sum())
+    assert stats[True][1] == (logits.argmax(-1) == targets).sum() == stats[False][1]
+    model.config.final_logit_softcapping = 30.0
+    assert penalty_module.plain_head(model) is None

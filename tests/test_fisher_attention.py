@@ -1,7 +1,9 @@
 """The Fisher penalty's attention (fused forward, explicit double backward) against SDPA's math backend.
 
 Float64, tiny shapes: first derivatives, second derivatives (a gradient of a gradient) and torch's own
-gradcheck / gradgradcheck of the explicit backward; causal, padding (right and left: fully masked query rows), GQA.
+gradcheck / gradgradcheck of the explicit backward; causal, padding (right and left: fully masked query rows), GQA,
+fewer queries than keys; each in one block of query rows and in blocks of 1 and 2 rows (the blocked passes skip the
+key columns a block cannot see, so a wrong extent shows up as a wrong derivative).
 """
 
 from __future__ import annotations
@@ -11,17 +13,25 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from noisyft.methods.fisher.attention import FusedDoubleBackwardSDPA, _AttentionBackward, attention
+import noisyft.methods.fisher.attention as fisher_attention
+from noisyft.methods.fisher.attention import FusedDoubleBackwardSDPA, _AttentionBackward, _blocks, attention
 
 B, H, HKV, L, E = 2, 4, 2, 6, 3
 
 
-def _inputs(seed=0, heads_kv=H):
+def _inputs(seed=0, heads_kv=H, queries=L):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, H, L, E, generator=g, dtype=torch.float64, requires_grad=True)
+    q = torch.randn(B, H, queries, E, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(B, heads_kv, L, E, generator=g, dtype=torch.float64, requires_grad=True)
     v = torch.randn(B, heads_kv, L, E, generator=g, dtype=torch.float64, requires_grad=True)
     return q, k, v
+
+
+def _banded_mask():
+    """(1, 1, L, L) float: a sliding window of 2 keys (-inf elsewhere): blocks see columns that do not start at 0."""
+    i = torch.arange(L)
+    band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - 2)
+    return torch.zeros(1, 1, L, L, dtype=torch.float64).masked_fill_(~band, float("-inf"))
 
 
 def _padding_mask(left: bool):
@@ -53,13 +63,19 @@ CASES = {
     "left-padding": dict(attn_mask=_padding_mask(left=True)),
     "float-mask": dict(attn_mask=torch.randn(1, H, L, L, dtype=torch.float64)),
     "gqa": dict(is_causal=True, enable_gqa=True),
+    "sliding-window": dict(attn_mask=_banded_mask()),
+    "fewer-queries-causal": dict(is_causal=True, queries=4),
+    "fewer-queries-mask": dict(attn_mask=_padding_mask(left=True)[..., 2:, :], queries=4),
 }
 
 
+@pytest.mark.parametrize("rows", [64, 2, 1])
 @pytest.mark.parametrize("case", list(CASES))
-def test_first_and_second_derivatives_match_math_sdpa(case):
-    kwargs = CASES[case]
-    q, k, v = _inputs(heads_kv=HKV if kwargs.get("enable_gqa") else H)
+def test_first_and_second_derivatives_match_math_sdpa(case, rows, monkeypatch):
+    monkeypatch.setattr(fisher_attention, "BLOCK_ROWS", rows)
+    kwargs = dict(CASES[case])
+    queries = kwargs.pop("queries", L)
+    q, k, v = _inputs(heads_kv=HKV if kwargs.get("enable_gqa") else H, queries=queries)
 
     def math(q, k, v):
         with sdpa_kernel(SDPBackend.MATH):
@@ -75,7 +91,31 @@ def test_first_and_second_derivatives_match_math_sdpa(case):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_explicit_double_backward_passes_gradcheck():
+def test_outer_backward_without_the_cpu_kernel_equals_the_kernel_path(monkeypatch):
+    """Off CPU (or where SDPA would not pick its CPU kernel) the outer backward recomputes the forward instead."""
+    q, k, v = _inputs(seed=2)
+    mask = _padding_mask(left=True)
+    expected = _first_and_second(lambda q, k, v: attention(q, k, v, attn_mask=mask), q, k, v)
+    monkeypatch.setattr(fisher_attention, "_cpu_flash", lambda *args: False)
+    got = _first_and_second(lambda q, k, v: attention(q, k, v, attn_mask=mask), q, k, v)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_blocks_stop_at_the_last_key_their_rows_can_see(monkeypatch):
+    monkeypatch.setattr(fisher_attention, "BLOCK_ROWS", 2)
+    assert _blocks(None, True, L, L) == [(0, 2, 2), (2, 4, 4), (4, 6, 6)]
+    assert _blocks(None, False, L, L) == [(0, 2, 6), (2, 4, 6), (4, 6, 6)]
+    # left padding: batch row 1 sees no key below 2, but batch row 0 does, so the extents are the causal ones
+    assert _blocks(_padding_mask(left=True), False, L, L) == [(0, 2, 2), (2, 4, 4), (4, 6, 6)]
+    only_first = torch.zeros(1, 1, L, L, dtype=torch.bool)
+    only_first[..., :3, 0] = True  # rows 3.. see nothing
+    assert _blocks(only_first, False, L, L) == [(0, 2, 1), (2, 4, 1), (4, 6, 0)]
+
+
+@pytest.mark.parametrize("rows", [64, 2])
+def test_explicit_double_backward_passes_gradcheck(rows, monkeypatch):
+    monkeypatch.setattr(fisher_attention, "BLOCK_ROWS", rows)
     q, k, v = _inputs(seed=3)
     do = torch.randn(B, H, L, E, dtype=torch.float64, requires_grad=True)
     mask = _padding_mask(left=True)
@@ -95,8 +135,10 @@ def test_mode_routes_sdpa_calls_and_leaves_other_ops_alone():
     torch.testing.assert_close(other, q.exp())
 
 
-def test_penalty_and_its_parameter_gradient_equal_the_math_backend_on_a_model():
+@pytest.mark.parametrize("rows", [64, 2])
+def test_penalty_and_its_parameter_gradient_equal_the_math_backend_on_a_model(rows, monkeypatch):
     """The whole estimator on a tiny Llama (GQA, padding): same value and same gradient w.r.t. every parameter."""
+    monkeypatch.setattr(fisher_attention, "BLOCK_ROWS", rows)
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from noisyft.methods.fisher.penalty import fisher_penalty

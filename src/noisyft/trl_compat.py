@@ -18,25 +18,34 @@ _REQUIRED = ("_metrics", "_total_train_tokens")
 
 
 def record_sft_metrics(
-    trainer: Any, logits: torch.Tensor, targets: torch.Tensor, inputs: dict[str, Any]
+    trainer: Any,
+    logits: torch.Tensor | None,
+    targets: torch.Tensor,
+    inputs: dict[str, Any],
+    *,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Append TRL's per-step training metrics computed from ``logits`` (N, V) at the N predicted positions and
-    their ``targets`` (N,). Does nothing on trainers without TRL's metric store (plain ``transformers.Trainer``)."""
+    their ``targets`` (N,), or from ``stats`` = (entropy summed over the N positions, count of correct argmax
+    predictions) computed elsewhere. Does nothing on trainers without TRL's metric store (plain
+    ``transformers.Trainer``)."""
     if not all(hasattr(trainer, name) for name in _REQUIRED):
         return
     metrics = trainer._metrics["train"]
     acc = trainer.accelerator
     with torch.no_grad():
-        logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-        n = acc.gather_for_metrics(torch.tensor(len(targets), device=logits.device)).sum()
-        ent = acc.gather_for_metrics(-(logp.exp() * logp).sum()).sum()
-        correct = acc.gather_for_metrics((logits.argmax(-1) == targets).sum()).sum()
+        if stats is None:
+            logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+            stats = (-(logp.exp() * logp).sum(), (logits.argmax(-1) == targets).sum())
+        n = acc.gather_for_metrics(torch.tensor(len(targets), device=targets.device)).sum()
+        ent = acc.gather_for_metrics(stats[0].detach()).sum()
+        correct = acc.gather_for_metrics(stats[1]).sum()
     metrics["entropy"].append((ent / n).item() if n > 0 else 0.0)
     metrics["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
     if "attention_mask" in inputs:
         local = inputs["attention_mask"].sum()
     else:
-        local = torch.tensor(inputs["input_ids"].size(1), device=logits.device)
+        local = torch.tensor(inputs["input_ids"].size(1), device=targets.device)
     trainer._total_train_tokens += acc.gather_for_metrics(local).sum().item() // getattr(
         trainer, "_tp_size", 1
     )

@@ -56,6 +56,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from noisyft._torch import unwrap_model
 
@@ -344,27 +345,215 @@ def fisher_penalty_from_logits(
         signs = torch.randint(2, scores.shape, device=z.device, generator=generator) * 2 - 1
         scores = scores * signs
 
+    grads = [
+        torch.autograd.grad(scores[:, s].sum(), embeds, create_graph=create_graph, retain_graph=True)[0]
+        for s in range(num_samples)
+    ]  # each (B, T, D)
+    penalty = _reduce(grads, embeds, token_mask, normalizer, reduction)
+    if targets is None:
+        return penalty
+    return penalty, -logp.gather(1, targets.to(logp.device).unsqueeze(1)).sum()
+
+
+# -- the LM head without an (N, V) tensor --------------------------------------------------------------------------
+HEAD_CHUNK_ROWS = 128
+"""Predicted positions per chunk of :class:`_FusedHead` (128 x a 49k vocabulary: 25 MB of float32 logits)."""
+
+
+def plain_head(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight (V, D), bias) when the LM head is one ``nn.Linear`` with whole weights and no logit transform, the
+    case :class:`_FusedHead` handles; ``None`` otherwise (adapters on the head, ``logit_scale``, soft-capping,
+    DeepSpeed ZeRO-3 or DTensor weights), where the penalty takes the logits path."""
+    head = base.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return None
+    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
+    scale = getattr(text_config, "logit_scale", None)
+    if (scale is not None and scale != 1) or getattr(text_config, "final_logit_softcapping", None):
+        return None
+    weight = head.weight
+    if hasattr(weight, "ds_id") or type(weight) is not torch.nn.Parameter or weight.dim() != 2:
+        return None
+    return weight, head.bias
+
+
+class _FusedHead(torch.autograd.Function):
+    """(h (N, D), W (V, D), b) -> (nll_sum, dh (m, N, D), entropy_sum, correct), chunk by chunk of rows.
+
+    With z = h W^T + b (float32), p = softmax(z) and draws y'_s ~ p (or uniform, with signs sigma): ``dh_s =
+    r_s W``, ``r_s = sigma_s (e_{y'_s} - p)``, is d/dh of the summed token-F / logit-F scores (their first
+    derivatives agree); ``nll_sum`` is the cross-entropy against ``targets``. The backward recomputes z per chunk:
+
+        grad_z  = g_nll (p - e_t)  -  sum_s sigma_s p * (a_s - rowsum(p * a_s)),   a_s = g_dh_s W^T   (token-F only:
+                                                                                   logit-F stops the gradient at p)
+        grad_h  = grad_z W,        grad_W = grad_z^T h + sum_s r_s^T g_dh_s,       grad_b = colsum(grad_z)
+
+    so no (N, V) tensor outlives a chunk: the logits path keeps about five of them until the outer backward (1 GB
+    at 1024 tokens and a 49k vocabulary). One more product than the logits path (z again in the backward).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, kind, num_samples, sampling, generator):
+        N, V = h.shape[0], weight.shape[0]
+        if sampling == "uniform":
+            y = torch.randint(V, (N, num_samples), device=h.device, generator=generator)  # (N, m)
+            signs = torch.randint(2, (N, num_samples), device=h.device, generator=generator) * 2 - 1
+        else:
+            u = torch.rand(
+                N, num_samples, device=h.device, generator=generator
+            )  # (N, m), as _draw_labels draws
+            y, signs = torch.empty(N, num_samples, dtype=torch.long, device=h.device), None
+        dh = h.new_empty(num_samples, *h.shape)  # (m, N, D)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        nll, ent, correct = (h.new_zeros((), dtype=acc) for _ in range(3))
+        for c0 in range(0, N, HEAD_CHUNK_ROWS):
+            c1 = min(c0 + HEAD_CHUNK_ROWS, N)
+            z = _float_logits(torch.nn.functional.linear(h[c0:c1], weight, bias))  # (R, V)
+            logp = torch.log_softmax(z, dim=-1)
+            p = logp.exp()
+            if targets is not None:
+                t = targets[c0:c1].unsqueeze(1)
+                nll -= logp.gather(1, t).sum()
+                correct += (z.argmax(-1, keepdim=True) == t).sum()
+                ent -= (p * logp).sum()
+            if signs is None:
+                cdf = p.cumsum(dim=-1)
+                y[c0:c1] = torch.searchsorted(cdf, u[c0:c1] * cdf[:, -1:], right=True).clamp_(max=V - 1)
+            for s in range(num_samples):
+                r = _score_grad(p, y[c0:c1, s], None if signs is None else signs[c0:c1, s])
+                dh[s, c0:c1] = r.to(weight.dtype) @ weight
+        ctx.save_for_backward(h, weight, bias, targets, y, signs)
+        ctx.kind = kind
+        ctx.mark_non_differentiable(ent, correct)
+        return nll, dh, ent, correct
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_nll, g_dh, _ent, _correct):
+        h, weight, bias, targets, y, signs = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        N, m = h.shape[0], y.shape[1]
+        grad_h = torch.zeros_like(h) if need_h else None
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
+        for c0 in range(0, N, HEAD_CHUNK_ROWS):
+            c1 = min(c0 + HEAD_CHUNK_ROWS, N)
+            hc = h[c0:c1]
+            p = torch.softmax(_float_logits(torch.nn.functional.linear(hc, weight, bias)), dim=-1)  # (R, V)
+            if g_nll is not None and targets is not None:  # g_nll (p - e_t)
+                gz = (p * g_nll).scatter_add_(1, targets[c0:c1].unsqueeze(1), (-g_nll).expand(c1 - c0, 1))
+            else:
+                gz = torch.zeros_like(p)
+            if g_dh is not None:
+                for s in range(m):
+                    g = g_dh[s, c0:c1]  # (R, D)
+                    sign = None if signs is None else signs[c0:c1, s]
+                    if need_w:
+                        r = _score_grad(p, y[c0:c1, s], sign)
+                        grad_w.addmm_(r.t(), g.to(acc))
+                    if ctx.kind == "token":
+                        a = _float_logits(g @ weight.t())  # (R, V)
+                        a.sub_((p * a).sum(-1, keepdim=True)).mul_(p)
+                        gz.sub_(a if sign is None else a * sign.unsqueeze(1))
+            if need_h:
+                grad_h[c0:c1] = gz.to(weight.dtype) @ weight
+            if need_w:
+                grad_w.addmm_(gz.t(), hc.to(acc))
+            if need_b:
+                grad_b += gz.sum(0)
+        return (
+            grad_h,
+            None if grad_w is None else grad_w.to(weight.dtype),
+            None if grad_b is None else grad_b.to(bias.dtype),
+            *(None,) * 5,
+        )
+
+
+def _float_logits(z: torch.Tensor) -> torch.Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def _score_grad(p: torch.Tensor, y: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
+    """d score / d z = sigma (e_y - p) for rows of p (R, V) and draws y (R,)."""
+    r = p.neg().scatter_add_(1, y.unsqueeze(1), torch.ones_like(p[:, :1]))
+    return r if sign is None else r.mul_(sign.unsqueeze(1))
+
+
+def fisher_penalty_from_hidden(
+    base: torch.nn.Module,
+    embeds: torch.Tensor,
+    hidden: torch.Tensor,
+    *,
+    token_mask: torch.Tensor | None = None,
+    kind: str = "token",
+    num_samples: int = 1,
+    sampling: str = "model",
+    generator: torch.Generator | None = None,
+    normalizer: float | torch.Tensor | None = None,
+    reduction: str = "mean",
+    create_graph: bool = True,
+    targets: torch.Tensor | None = None,
+    fused_head: bool = True,
+):
+    """:func:`fisher_penalty_from_logits` from the final hidden states of the N predicted positions (N, D), with
+    the LM head applied here: chunk by chunk through :class:`_FusedHead` where :func:`plain_head` allows (and
+    autocast is off), through the logits otherwise (or with ``fused_head=False``); same values, same gradients.
+
+    Returns ``penalty`` or, with ``targets``, ``(penalty, nll_sum, stats)``, ``stats`` = (entropy sum, correct
+    argmax count) over the N positions (TRL's logged metrics), as 0-d tensors.
+    """
+    _check_args(kind, sampling, reduction, num_samples)
+    head = plain_head(base) if fused_head else None
+    if head is None or hidden.shape[0] == 0 or torch.is_autocast_enabled(hidden.device.type):
+        logits = logits_from_hidden(base, hidden)  # (N, V)
+        result = fisher_penalty_from_logits(
+            embeds, logits, token_mask=token_mask, kind=kind, num_samples=num_samples, sampling=sampling,
+            generator=generator, normalizer=normalizer, reduction=reduction, create_graph=create_graph,
+            targets=targets,
+        )  # fmt: skip
+        if targets is None:
+            return result
+        with torch.no_grad():
+            logp = torch.log_softmax(logits.detach(), dim=-1)
+            stats = (
+                -(logp.exp() * logp).sum(),
+                (logits.detach().argmax(-1) == targets.to(logits.device)).sum(),
+            )
+        return (*result, stats)
+    if not embeds.requires_grad:
+        raise ValueError(
+            "embeds must require grad (they are what the penalty differentiates with respect to)"
+        )
+    weight, bias = head
+    nll, dh, ent, correct = _FusedHead.apply(
+        hidden, weight, bias, None if targets is None else targets.to(hidden.device), kind, num_samples, sampling,
+        generator,
+    )  # fmt: skip
+    grads = [
+        torch.autograd.grad(hidden, embeds, dh[s], create_graph=create_graph, retain_graph=True)[0]
+        for s in range(num_samples)
+    ]  # each (B, T, D)
+    penalty = _reduce(grads, embeds, token_mask, normalizer or max(hidden.shape[0], 1), reduction)
+    return penalty if targets is None else (penalty, nll, (ent, correct))
+
+
+def _reduce(grads, embeds, token_mask, normalizer, reduction) -> torch.Tensor:
+    """sum_s ||grad_s||^2 over masked positions and dimensions, per sequence, then reduced like the loss."""
     mask = (
         None if token_mask is None else token_mask.to(embeds.device, embeds.dtype).unsqueeze(-1)
     )  # (B, T, 1)
     acc_dtype = torch.promote_types(embeds.dtype, torch.float32)
-    total = embeds.new_zeros(B, dtype=acc_dtype)  # (B,)
-    for s in range(num_samples):
-        (grad,) = torch.autograd.grad(
-            scores[:, s].sum(), embeds, create_graph=create_graph, retain_graph=True
-        )  # (B, T, D)
+    total = embeds.new_zeros(embeds.shape[0], dtype=acc_dtype)  # (B,)
+    for grad in grads:
         if mask is not None:
             grad = grad * mask
         total = total + grad.to(acc_dtype).pow(2).sum(dim=(1, 2))  # (B,)
-    total = total / num_samples
+    total = total / len(grads)
     if reduction == "sum":
-        penalty = total.sum()
-    else:
-        total = total / normalizer
-        penalty = total if reduction == "none" else total.sum()
-    if targets is None:
-        return penalty
-    return penalty, -logp.gather(1, targets.to(logp.device).unsqueeze(1)).sum()
+        return total.sum()
+    total = total / normalizer
+    return total if reduction == "none" else total.sum()
 
 
 class _Capture:
@@ -425,6 +614,7 @@ def fisher_penalty(
     create_graph: bool = True,
     return_loss: bool = False,
     sdpa: str = "fused",
+    fused_head: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """token-F / logit-F penalty of a causal LM on a batch: a scalar that back-propagates into the parameters.
 
@@ -436,7 +626,8 @@ def fisher_penalty(
     train/eval mode is left as it is (dropout applies in train mode). See :func:`fisher_penalty_from_logits` for
     ``reduction`` and ``create_graph``. ``return_loss=True`` also returns the mean cross-entropy over the same
     predicted positions, computed from the same logits (one forward pass, one LM-head product for both):
-    ``(penalty, loss)``. ``sdpa``: see :func:`differentiable_attention`.
+    ``(penalty, loss)``. ``sdpa``: see :func:`differentiable_attention`; ``fused_head``: see
+    :func:`fisher_penalty_from_hidden`.
     """
     base = unwrap_model(model)
     with capture_forward(model, sdpa=sdpa) as cap:
@@ -458,10 +649,11 @@ def fisher_penalty(
         position_ids=position_ids,
         device=embeds.device,
     )
-    logits = logits_from_hidden(base, cap.hidden[predicted])  # (N, V)
-    result = fisher_penalty_from_logits(
+    hidden = cap.hidden[predicted]  # (N, D)
+    result = fisher_penalty_from_hidden(
+        base,
         embeds,
-        logits,
+        hidden,
         token_mask=attention_mask,
         kind=kind,
         num_samples=num_samples,
@@ -470,8 +662,9 @@ def fisher_penalty(
         reduction=reduction,
         create_graph=create_graph,
         targets=next_token_targets(input_ids, predicted, labels) if return_loss else None,
+        fused_head=fused_head,
     )
     if not return_loss:
         return result
-    penalty, nll_sum = result
-    return penalty, nll_sum / max(logits.shape[0], 1)
+    penalty, nll_sum, _ = result
+    return penalty, nll_sum / max(hidden.shape[0], 1)

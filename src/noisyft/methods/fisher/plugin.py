@@ -22,8 +22,7 @@ from noisyft.trl_compat import record_sft_metrics
 from .penalty import (
     capture_forward,
     fisher_penalty,
-    fisher_penalty_from_logits,
-    logits_from_hidden,
+    fisher_penalty_from_hidden,
     next_token_targets,
     predicted_positions,
 )
@@ -103,11 +102,11 @@ class FisherPlugin(MethodPlugin):
         scale = 1.0
         if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
             scale = float(trainer.accelerator.num_processes)  # as TRL scales the loss: DDP averages gradients
-        logits = logits_from_hidden(unwrap_model(model), cap.hidden[predicted])  # (N, V)
         targets = next_token_targets(input_ids, predicted, labels) if shared else None  # (N,)
-        result = fisher_penalty_from_logits(
+        result = fisher_penalty_from_hidden(
+            unwrap_model(model),
             cap.embeds,
-            logits,
+            cap.hidden[predicted],  # (N, D)
             token_mask=inputs.get("attention_mask"),
             kind=self.config.kind,
             num_samples=self.config.num_samples,
@@ -117,9 +116,9 @@ class FisherPlugin(MethodPlugin):
             targets=targets,
         )
         if shared:  # the cross-entropy from the same log-softmax, normalized as TRL's loss
-            penalty, nll_sum = result
+            penalty, nll_sum, stats = result
             loss = nll_sum / normalizer * scale
-            record_sft_metrics(trainer, logits.detach(), targets, inputs)
+            record_sft_metrics(trainer, None, targets, inputs, stats=stats)
         else:
             penalty = result
             loss = out[0] if return_outputs else out
