@@ -59,7 +59,7 @@ from bench_neftune import PeakRSS, load_model  # noqa: E402
 from noisyft.methods.fisher.penalty import (  # noqa: E402
     capture_forward,
     fisher_penalty,
-    fisher_penalty_from_logits,
+    fisher_penalty_from_hidden,
     logits_from_hidden,
     next_token_targets,
     predicted_positions,
@@ -99,9 +99,9 @@ def subset_penalty(model, batch, *, fraction: float, generator, create_graph=Tru
     n = hidden.shape[0]
     k = max(1, math.ceil(fraction * n))
     idx = torch.randperm(n, generator=generator, device=hidden.device)[:k]
-    penalty = fisher_penalty_from_logits(
-        cap.embeds, logits_from_hidden(base, hidden[idx]), generator=generator, create_graph=create_graph
-    )
+    penalty = fisher_penalty_from_hidden(
+        base, cap.embeds, hidden[idx], generator=generator, create_graph=create_graph
+    )  # the chunked LM head, as the full estimate uses
     if not return_loss:
         return penalty
     logits = logits_from_hidden(base, hidden)  # the CE on every position, as the trainer computes it
