@@ -5,11 +5,13 @@ its autograd graph keeps the (B, H, L, S) probabilities and, under ``create_grap
 tensors per layer until the outer backward, and it multiplies full L x S matrices although a causal mask zeroes
 half of them. Here:
 
-* :class:`_Attention` runs the forward with the fused SDPA kernel (no L x S tensor kept) and saves Q, K, V (and,
-  on CPU, the output and log-sum-exp, so the outer backward can use the fused backward kernel too);
+* :class:`_Attention` runs the forward with the fused SDPA kernel (no L x S tensor kept) and saves Q, K, V and the
+  output (on CPU also the kernel's log-sum-exp);
 * its backward, when it must itself be differentiable (the penalty's ``create_graph=True`` pass), is
-  :class:`_AttentionBackward`, a function of (Q, K, V, dO) that recomputes P and returns (dQ, dK, dV); otherwise
-  (the outer backward through the forward) it is the fused kernel's backward;
+  :class:`_AttentionBackward`, a function of (Q, K, V, dO) returning (dQ, dK, dV); otherwise (the outer backward
+  through the forward) it is a plain first-derivative pass. On CPU both first-derivative passes run the fused
+  kernel's own backward (``_scaled_dot_product_flash_attention_for_cpu_backward``, which skips masked blocks);
+  elsewhere, and under autocast, the blocked pass below computes them;
 * the backward of :class:`_AttentionBackward` (the double backward) is written out below, recomputing P once
   more: with upstream gradients (gQ, gK, gV) of (dQ, dK, dV) and ``S = scale Q K^T + M``, ``P = softmax(S)``,
   ``dP = dO V^T``, ``D = rowsum(P * dP)``, ``dS = P * (dP - D)``:
@@ -23,6 +25,9 @@ half of them. Here:
       grad K  = scale (dS^T gQ + gS^T Q)
       grad V  = gdP^T dO
       grad dO = P gV + gdP V
+
+  with ``D`` taken as ``rowsum(dO * O)`` (equal to ``rowsum(P * dP)``; L x E instead of L x S work) and G as one
+  product of [gQ, Q] with [K, gK].
 
 Both explicit passes run over blocks of query rows: every formula above is row-local except the K- and V-side
 sums, which accumulate block by block. A block holds ``BLOCK_ROWS`` query rows (64: at 1024 keys, 9 heads and

@@ -43,6 +43,13 @@ that recomputes the probabilities; ``sdpa="math"`` keeps the math backend as the
 cannot switch (flash_attention_2/3, flex attention), reentrant gradient checkpointing and FSDP2-sharded models
 (``fully_shard`` frees gathered weights after the first of the two backward passes) with a clear error.
 
+The LM head. The logits path keeps about five (N, V) float32 tensors from the forward to the outer backward (the
+log-softmax, the scattered score gradient, its log-softmax backward, ...): 1 GB at 1024 tokens and a 49k vocabulary,
+the largest part of the penalty's extra memory. :func:`fisher_penalty_from_hidden` (what :func:`fisher_penalty` and
+the trainer use) instead runs a plain ``nn.Linear`` head through :class:`_FusedHead`: cross-entropy, draws and the
+score gradient w.r.t. the hidden states chunk by chunk of rows, the logits recomputed in the backward. Same values
+and gradients (tested against the logits path), one more head-sized product, no (N, V) tensor kept.
+
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
 ``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
 """
