@@ -156,18 +156,7 @@ class _AttentionBackward(torch.autograd.Function):
         )  # the caller's mask: one tensor shared by every layer
         ctx.scale, ctx.is_causal = scale, is_causal
         if lse is not None:  # the CPU kernel's forward ran: its own backward computes the same (dQ, dK, dV)
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do.contiguous(),
-                q,
-                k,
-                v,
-                out,
-                lse,
-                0.0,
-                is_causal,
-                attn_mask=_kernel_mask(attn_mask, q),
-                scale=scale,
-            )
+            return _kernel_grads(do, q, k, v, out, lse, attn_mask, is_causal, scale)
         return _blocked_grads(q, k, v, do, attn_mask, is_causal, scale)
 
     @staticmethod
@@ -237,6 +226,13 @@ def _kernel_mask(attn_mask, like: torch.Tensor):
     return attn_mask.to(like.dtype)
 
 
+def _kernel_grads(do, q, k, v, out, lse, attn_mask, is_causal: bool, scale: float):
+    """(dQ, dK, dV) from the fused CPU kernel's backward, given its forward's output and log-sum-exp."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do.contiguous(), q, k, v, out, lse, 0.0, is_causal, attn_mask=_kernel_mask(attn_mask, q), scale=scale
+    )
+
+
 class _Attention(torch.autograd.Function):
     """softmax(scale Q K^T + M) V by the fused SDPA kernel; a differentiable backward through
     :class:`_AttentionBackward` under ``create_graph``, the fused kernel's backward otherwise."""
@@ -265,18 +261,7 @@ class _Attention(torch.autograd.Function):
             dq, dk, dv = _AttentionBackward.apply(q, k, v, do, attn_mask, is_causal, scale, *rest)
         elif ctx.fused:  # the outer backward: first derivatives only, the fused kernel's own backward
             out, lse = rest
-            dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                do.contiguous(),
-                q,
-                k,
-                v,
-                out,
-                lse,
-                0.0,
-                is_causal,
-                attn_mask=_kernel_mask(attn_mask, q),
-                scale=scale,
-            )
+            dq, dk, dv = _kernel_grads(do, q, k, v, out, lse, attn_mask, is_causal, scale)
         else:  # the blocked passes (mixed dtypes under autocast, other devices)
             dq, dk, dv = _blocked_grads(q, k, v, do, attn_mask, is_causal, scale)
         return dq, dk, dv, None, None, None
