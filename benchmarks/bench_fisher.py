@@ -67,7 +67,7 @@ from noisyft.methods.fisher.penalty import (  # noqa: E402
 
 IMPLEMENTATION = (
     "attention: CPU flash kernel forward and first backward, blocked explicit double backward (64 query rows, "
-    "causal blocks skipped); LM head: chunked _FusedHead (128 rows), no (N, V) tensor kept"
+    "causal blocks skipped); LM head: chunked FusedHead (128 rows), no (N, V) tensor kept"
 )
 VARIANTS = ("plain", "token-F", "logit-F", "token-F-sub25", "token-F-math")
 COEF = 1e-3  # any positive value: cost does not depend on it

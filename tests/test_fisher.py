@@ -351,7 +351,7 @@ def test_config_validation_and_warmup():
             FisherConfig(**bad)
 
 
-# -- the chunked LM head (_FusedHead) against the logits path -------------------------------------------------------
+# -- the chunked LM head (FusedHead) against the logits path -------------------------------------------------------
 @pytest.mark.parametrize(
     "kind,sampling,samples,tie,bias",
     [
@@ -367,9 +367,9 @@ def test_fused_head_gives_the_logits_path_values_and_gradients(
 ):
     """Same draws, penalty, cross-entropy, TRL statistics and gradient w.r.t. every parameter, with chunks of 2
     rows (the last one short) and with tied embeddings (the head's gradient adds to the embedding's)."""
-    import noisyft.methods.fisher.penalty as penalty_module
+    import noisyft.methods.fisher.head as head_module
 
-    monkeypatch.setattr(penalty_module, "HEAD_CHUNK_ROWS", 2)
+    monkeypatch.setattr(head_module, "HEAD_CHUNK_ROWS", 2)
     model = _model(layers=2, tie=tie)
     if bias:
         head = torch.nn.Linear(8, V, bias=True, dtype=torch.float64)
@@ -377,7 +377,7 @@ def test_fused_head_gives_the_logits_path_values_and_gradients(
             head.weight.copy_(model.lm_head.weight)
             head.bias.normal_(generator=torch.Generator().manual_seed(3))
         model.lm_head = head
-    assert penalty_module.plain_head(model) is not None
+    assert head_module.plain_head(model) is not None
     model.train()  # parameters get gradients; no dropout in the tiny config
     ids, am, labels = _batch()
     results = {}
@@ -398,9 +398,9 @@ def test_fused_head_gives_the_logits_path_values_and_gradients(
 
 
 def test_fused_head_passes_gradcheck(monkeypatch):
-    import noisyft.methods.fisher.penalty as penalty_module
+    import noisyft.methods.fisher.head as head_module
 
-    monkeypatch.setattr(penalty_module, "HEAD_CHUNK_ROWS", 2)
+    monkeypatch.setattr(head_module, "HEAD_CHUNK_ROWS", 2)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
@@ -412,7 +412,7 @@ def test_fused_head_passes_gradcheck(monkeypatch):
 
         def fn(h, w, b, kind=kind, sampling=sampling):
             # the same draws on every call: gradcheck perturbs the inputs, the samples must not move
-            nll, dh, *_ = penalty_module._FusedHead.apply(
+            nll, dh, *_ = head_module.FusedHead.apply(
                 h, w, b, targets, kind, 2, sampling, torch.Generator().manual_seed(1)
             )
             return nll, dh
@@ -423,6 +423,7 @@ def test_fused_head_passes_gradcheck(monkeypatch):
 def test_fused_head_statistics_and_fallbacks():
     """TRL's entropy / accuracy sums from the chunks equal those of the full logits; a soft-capped head (Gemma)
     falls back to the logits path."""
+    import noisyft.methods.fisher.head as head_module
     import noisyft.methods.fisher.penalty as penalty_module
 
     model = _model()
@@ -442,4 +443,4 @@ def test_fused_head_statistics_and_fallbacks():
     torch.testing.assert_close(stats[True][0], -(logp.exp() * logp).sum())
     assert stats[True][1] == (logits.argmax(-1) == targets).sum() == stats[False][1]
     model.config.final_logit_softcapping = 30.0
-    assert penalty_module.plain_head(model) is None
+    assert head_module.plain_head(model) is None

@@ -46,9 +46,10 @@ cannot switch (flash_attention_2/3, flex attention), reentrant gradient checkpoi
 The LM head. The logits path keeps about five (N, V) float32 tensors from the forward to the outer backward (the
 log-softmax, the scattered score gradient, its log-softmax backward, ...): 1 GB at 1024 tokens and a 49k vocabulary,
 the largest part of the penalty's extra memory. :func:`fisher_penalty_from_hidden` (what :func:`fisher_penalty` and
-the trainer use) instead runs a plain ``nn.Linear`` head through :class:`_FusedHead`: cross-entropy, draws and the
-score gradient w.r.t. the hidden states chunk by chunk of rows, the logits recomputed in the backward. Same values
-and gradients (tested against the logits path), one more head-sized product, no (N, V) tensor kept.
+the trainer use) instead runs a plain ``nn.Linear`` head through ``noisyft.methods.fisher.head.FusedHead``:
+cross-entropy, draws and the score gradient w.r.t. the hidden states chunk by chunk of rows, the logits recomputed
+in the backward. Same values and gradients (tested against the logits path), one more head-sized product, no (N, V)
+tensor kept. The attention routing lives in ``noisyft.methods.fisher.routing``.
 
 This module is pure torch + a few transformers model conventions (``get_input_embeddings``, ``base_model``,
 ``get_output_embeddings``); the Trainer wiring lives in ``noisyft.methods.fisher.plugin``.
@@ -57,145 +58,20 @@ This module is pure torch + a few transformers model conventions (``get_input_em
 from __future__ import annotations
 
 import contextlib
-import functools
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from noisyft._torch import unwrap_model
 
-from .attention import FusedDoubleBackwardSDPA
 from .config import KINDS, SAMPLINGS
-
-logger = logging.getLogger(__name__)
+from .head import FusedHead, plain_head
+from .routing import FisherSetupError as FisherSetupError  # re-exported: the trainer catches it
+from .routing import differentiable_attention
 
 REDUCTIONS = ("mean", "sum", "none")
-_DOUBLE_BACKWARD_ATTN = ("eager", "sdpa")
 IGNORE_INDEX = -100
-
-
-class FisherSetupError(ValueError):
-    """The model cannot be differentiated twice as configured (attention kernel, reentrant checkpointing)."""
-
-
-# -- attention kernels and checkpointing: make the forward pass twice differentiable --------------------------------
-@functools.cache
-def _log_once(message: str) -> None:
-    logger.info(message)
-
-
-def _checkpointed_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Modules that checkpoint their forward; raises for reentrant checkpointing (it has no torch.autograd.grad)."""
-    found = []
-    for module in model.modules():
-        if not getattr(module, "gradient_checkpointing", False):
-            continue
-        func = getattr(module, "_gradient_checkpointing_func", None)
-        keywords = getattr(func, "keywords", None) or {}
-        if keywords.get("use_reentrant", True) is not False:
-            raise FisherSetupError(
-                "The Fisher penalty differentiates a gradient, which reentrant gradient checkpointing does not "
-                "support (torch.autograd.grad through torch.utils.checkpoint(use_reentrant=True)). Enable "
-                "checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False} (transformers' default), "
-                "or turn it off."
-            )
-        found.append(module)
-    return found
-
-
-def _refuse_fsdp2(model: torch.nn.Module) -> None:
-    """FSDP2 (``fully_shard``) frees each layer's gathered weights after its part of a backward pass; the penalty's
-    ``torch.autograd.grad`` is such a pass, so the loss's backward then runs the same graph over freed storage (a
-    two-process CPU run of a tiny Llama crashed with a segmentation fault in it). Refuse rather than crash."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return
-    if any(isinstance(module, FSDPModule) for module in model.modules()):
-        raise FisherSetupError(
-            "The Fisher penalty (and the Fisher diagnostic) cannot run on a model sharded with FSDP2 (fully_shard): "
-            "it back-propagates twice through one forward pass, and FSDP2 frees the gathered weights after the first "
-            "backward. Use DDP (plain torchrun), or drop the Fisher method for FSDP runs."
-        )
-
-
-class _MathSDPA:
-    """A re-enterable ``sdpa_kernel(SDPBackend.MATH)``: checkpoint recomputation may enter it more than once."""
-
-    def __enter__(self):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        self._stack = getattr(self, "_stack", [])
-        self._stack.append(sdpa_kernel(SDPBackend.MATH))
-        return self._stack[-1].__enter__()
-
-    def __exit__(self, *exc):
-        return self._stack.pop().__exit__(*exc)
-
-
-@contextlib.contextmanager
-def _recompute_under(modules: list[torch.nn.Module], make_context) -> Iterator[None]:
-    """Checkpointed segments recompute their forward during the backward pass, i.e. after the body has exited;
-    ``context_fn`` makes the recomputation run under the same attention backend as the original forward."""
-    saved = [(m, m._gradient_checkpointing_func) for m in modules]
-    try:
-        for module, func in saved:
-            module._gradient_checkpointing_func = functools.partial(
-                func, context_fn=lambda: (make_context(), make_context())
-            )
-        yield
-    finally:
-        for module, func in saved:
-            module._gradient_checkpointing_func = func
-
-
-SDPA_PATHS = ("fused", "math")
-
-
-@contextlib.contextmanager
-def differentiable_attention(model: torch.nn.Module, *, sdpa: str = "fused") -> Iterator[str]:
-    """Run the body with an attention path that has a double backward; yields the implementation used.
-
-    ``eager`` attention is plain autograd ops. ``sdpa`` calls go, for the body, to
-    :func:`noisyft.methods.fisher.attention.attention` (``sdpa="fused"``: the fused kernel forward and an explicit
-    double backward that keeps no L x L tensor) or to ``SDPBackend.MATH`` (``sdpa="math"``: the reference; the
-    fused kernels alone raise "derivative for ... _scaled_dot_product_flash_attention_for_cpu_backward is not
-    implemented"); logged once. Other kernels and reentrant gradient checkpointing raise ``ValueError``: switching
-    them silently could change which tokens attend to which (padding-free batches rely on the flash kernel's
-    sequence boundaries). Raises :class:`FisherSetupError` (a ``ValueError``).
-    """
-    if sdpa not in SDPA_PATHS:
-        raise ValueError(f"sdpa must be one of {SDPA_PATHS}, got {sdpa!r}")
-    base = unwrap_model(model)
-    _refuse_fsdp2(base)
-    config = getattr(base, "config", None)
-    impl = getattr(config, "_attn_implementation", None) or "eager"
-    checkpointed = _checkpointed_modules(base)
-    if impl == "eager":
-        yield impl
-        return
-    if impl != "sdpa":
-        raise FisherSetupError(
-            f"The Fisher penalty needs the second derivative of the attention, which attn_implementation={impl!r} "
-            f"does not provide. Load the model with attn_implementation='sdpa' (the default; noisyft then routes "
-            f"the penalized forward pass through an attention with a double backward) or 'eager'."
-        )
-    if sdpa == "math":
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        _log_once("Fisher penalty: SDPA runs on its math backend for the penalized forward passes.")
-        with sdpa_kernel(SDPBackend.MATH), _recompute_under(checkpointed, _MathSDPA):
-            yield "math-sdpa"
-        return
-    _log_once(
-        "Fisher penalty: SDPA calls of the penalized forward passes run the fused kernel forward with an explicit "
-        "double backward (noisyft.methods.fisher.attention)."
-    )
-    with FusedDoubleBackwardSDPA(), _recompute_under(checkpointed, FusedDoubleBackwardSDPA):
-        yield "sdpa-fused-double-backward"
 
 
 # -- model pieces ---------------------------------------------------------------------------------------------------
@@ -362,131 +238,7 @@ def fisher_penalty_from_logits(
     return penalty, -logp.gather(1, targets.to(logp.device).unsqueeze(1)).sum()
 
 
-# -- the LM head without an (N, V) tensor --------------------------------------------------------------------------
-HEAD_CHUNK_ROWS = 128
-"""Predicted positions per chunk of :class:`_FusedHead` (128 x a 49k vocabulary: 25 MB of float32 logits)."""
-
-
-def plain_head(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """(weight (V, D), bias) when the LM head is one ``nn.Linear`` with whole weights and no logit transform, the
-    case :class:`_FusedHead` handles; ``None`` otherwise (adapters on the head, ``logit_scale``, soft-capping,
-    DeepSpeed ZeRO-3 or DTensor weights), where the penalty takes the logits path."""
-    head = base.get_output_embeddings()
-    if type(head) is not torch.nn.Linear:
-        return None
-    text_config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    scale = getattr(text_config, "logit_scale", None)
-    if (scale is not None and scale != 1) or getattr(text_config, "final_logit_softcapping", None):
-        return None
-    weight = head.weight
-    if hasattr(weight, "ds_id") or type(weight) is not torch.nn.Parameter or weight.dim() != 2:
-        return None
-    return weight, head.bias
-
-
-class _FusedHead(torch.autograd.Function):
-    """(h (N, D), W (V, D), b) -> (nll_sum, dh (m, N, D), entropy_sum, correct), chunk by chunk of rows.
-
-    With z = h W^T + b (float32), p = softmax(z) and draws y'_s ~ p (or uniform, with signs sigma): ``dh_s =
-    r_s W``, ``r_s = sigma_s (e_{y'_s} - p)``, is d/dh of the summed token-F / logit-F scores (their first
-    derivatives agree); ``nll_sum`` is the cross-entropy against ``targets``. The backward recomputes z per chunk:
-
-        grad_z  = g_nll (p - e_t)  -  sum_s sigma_s p * (a_s - rowsum(p * a_s)),   a_s = g_dh_s W^T   (token-F only:
-                                                                                   logit-F stops the gradient at p)
-        grad_h  = grad_z W,        grad_W = grad_z^T h + sum_s r_s^T g_dh_s,       grad_b = colsum(grad_z)
-
-    so no (N, V) tensor outlives a chunk: the logits path keeps about five of them until the outer backward (1 GB
-    at 1024 tokens and a 49k vocabulary). One more product than the logits path (z again in the backward).
-    """
-
-    @staticmethod
-    def forward(ctx, h, weight, bias, targets, kind, num_samples, sampling, generator):
-        N, V = h.shape[0], weight.shape[0]
-        if sampling == "uniform":
-            y = torch.randint(V, (N, num_samples), device=h.device, generator=generator)  # (N, m)
-            signs = torch.randint(2, (N, num_samples), device=h.device, generator=generator) * 2 - 1
-        else:
-            u = torch.rand(
-                N, num_samples, device=h.device, generator=generator
-            )  # (N, m), as _draw_labels draws
-            y, signs = torch.empty(N, num_samples, dtype=torch.long, device=h.device), None
-        dh = h.new_empty(num_samples, *h.shape)  # (m, N, D)
-        acc = torch.promote_types(h.dtype, torch.float32)
-        nll, ent, correct = (h.new_zeros((), dtype=acc) for _ in range(3))
-        for c0 in range(0, N, HEAD_CHUNK_ROWS):
-            c1 = min(c0 + HEAD_CHUNK_ROWS, N)
-            z = _float_logits(torch.nn.functional.linear(h[c0:c1], weight, bias))  # (R, V)
-            logp = torch.log_softmax(z, dim=-1)
-            p = logp.exp()
-            if targets is not None:
-                t = targets[c0:c1].unsqueeze(1)
-                nll -= logp.gather(1, t).sum()
-                correct += (z.argmax(-1, keepdim=True) == t).sum()
-                ent -= (p * logp).sum()
-            if signs is None:
-                cdf = p.cumsum(dim=-1)
-                y[c0:c1] = torch.searchsorted(cdf, u[c0:c1] * cdf[:, -1:], right=True).clamp_(max=V - 1)
-            for s in range(num_samples):
-                r = _score_grad(p, y[c0:c1, s], None if signs is None else signs[c0:c1, s])
-                dh[s, c0:c1] = r.to(weight.dtype) @ weight
-        ctx.save_for_backward(h, weight, bias, targets, y, signs)
-        ctx.kind = kind
-        ctx.mark_non_differentiable(ent, correct)
-        return nll, dh, ent, correct
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_nll, g_dh, _ent, _correct):
-        h, weight, bias, targets, y, signs = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        N, m = h.shape[0], y.shape[1]
-        grad_h = torch.zeros_like(h) if need_h else None
-        acc = torch.promote_types(weight.dtype, torch.float32)
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if need_b else None
-        for c0 in range(0, N, HEAD_CHUNK_ROWS):
-            c1 = min(c0 + HEAD_CHUNK_ROWS, N)
-            hc = h[c0:c1]
-            p = torch.softmax(_float_logits(torch.nn.functional.linear(hc, weight, bias)), dim=-1)  # (R, V)
-            if g_nll is not None and targets is not None:  # g_nll (p - e_t)
-                gz = (p * g_nll).scatter_add_(1, targets[c0:c1].unsqueeze(1), (-g_nll).expand(c1 - c0, 1))
-            else:
-                gz = torch.zeros_like(p)
-            if g_dh is not None:
-                for s in range(m):
-                    g = g_dh[s, c0:c1]  # (R, D)
-                    sign = None if signs is None else signs[c0:c1, s]
-                    if need_w:
-                        r = _score_grad(p, y[c0:c1, s], sign)
-                        grad_w.addmm_(r.t(), g.to(acc))
-                    if ctx.kind == "token":
-                        a = _float_logits(g @ weight.t())  # (R, V)
-                        a.sub_((p * a).sum(-1, keepdim=True)).mul_(p)
-                        gz.sub_(a if sign is None else a * sign.unsqueeze(1))
-            if need_h:
-                grad_h[c0:c1] = gz.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(gz.t(), hc.to(acc))
-            if need_b:
-                grad_b += gz.sum(0)
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            *(None,) * 5,
-        )
-
-
-def _float_logits(z: torch.Tensor) -> torch.Tensor:
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
-
-
-def _score_grad(p: torch.Tensor, y: torch.Tensor, sign: torch.Tensor | None) -> torch.Tensor:
-    """d score / d z = sigma (e_y - p) for rows of p (R, V) and draws y (R,)."""
-    r = p.neg().scatter_add_(1, y.unsqueeze(1), torch.ones_like(p[:, :1]))
-    return r if sign is None else r.mul_(sign.unsqueeze(1))
-
-
+# -- the penalty through the chunked LM head ------------------------------------------------------------------------
 def fisher_penalty_from_hidden(
     base: torch.nn.Module,
     embeds: torch.Tensor,
@@ -504,8 +256,9 @@ def fisher_penalty_from_hidden(
     fused_head: bool = True,
 ):
     """:func:`fisher_penalty_from_logits` from the final hidden states of the N predicted positions (N, D), with
-    the LM head applied here: chunk by chunk through :class:`_FusedHead` where :func:`plain_head` allows (and
-    autocast is off), through the logits otherwise (or with ``fused_head=False``); same values, same gradients.
+    the LM head applied here: chunk by chunk through :class:`~noisyft.methods.fisher.head.FusedHead` where
+    :func:`~noisyft.methods.fisher.head.plain_head` allows (and autocast is off), through the logits otherwise (or
+    with ``fused_head=False``); same values, same gradients.
 
     Returns ``penalty`` or, with ``targets``, ``(penalty, nll_sum, stats)``, ``stats`` = (entropy sum, correct
     argmax count) over the N positions (TRL's logged metrics), as 0-d tensors.
@@ -533,7 +286,7 @@ def fisher_penalty_from_hidden(
             "embeds must require grad (they are what the penalty differentiates with respect to)"
         )
     weight, bias = head
-    nll, dh, ent, correct = _FusedHead.apply(
+    nll, dh, ent, correct = FusedHead.apply(
         hidden, weight, bias, None if targets is None else targets.to(hidden.device), kind, num_samples, sampling,
         generator,
     )  # fmt: skip
