@@ -435,9 +435,13 @@ def test_fused_head_statistics_and_fallbacks():
         pred = predicted_positions(tuple(ids.shape), labels=labels, attention_mask=am)
         targets = penalty_module.next_token_targets(ids, pred, labels)
         *_, stats[fused] = penalty_module.fisher_penalty_from_hidden(
-            model, cap.embeds, cap.hidden[pred], targets=targets, fused_head=fused,
+            model, cap.embeds, cap.hidden[pred], targets=targets, fused_head=fused, stats=True,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
+        *_, unasked = penalty_module.fisher_penalty_from_hidden(
+            model, cap.embeds, cap.hidden[pred], targets=targets, fused_head=fused,
+        )  # fmt: skip
+        assert unasked is None  # not computed unless asked (a plain Trainer logs no such metrics)
     logits = model.lm_head(cap.hidden[pred]).detach()
     logp = torch.log_softmax(logits, -1)
     torch.testing.assert_close(stats[True][0], -(logp.exp() * logp).sum())

@@ -13,6 +13,14 @@ def rank_seed(seed: int, rank: int, stream: str = "neftune") -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def logit_stats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy summed over the rows, count of rows whose argmax is the target) of logits (N, V), targets (N,):
+    the sums behind TRL's logged ``entropy`` and ``mean_token_accuracy``."""
+    with torch.no_grad():
+        logp = torch.log_softmax(logits.detach().float(), dim=-1)
+        return -(logp.exp() * logp).sum(), (logits.detach().argmax(-1) == targets.to(logits.device)).sum()
+
+
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model under DDP/FSDP/compile and PEFT wrappers (the one owning get_input_embeddings)."""
     seen = 0

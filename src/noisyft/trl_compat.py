@@ -14,7 +14,14 @@ from typing import Any
 
 import torch
 
+from noisyft._torch import logit_stats
+
 _REQUIRED = ("_metrics", "_total_train_tokens")
+
+
+def keeps_sft_metrics(trainer: Any) -> bool:
+    """Whether ``trainer`` has TRL's metric store (``SFTTrainer`` does, a plain ``transformers.Trainer`` not)."""
+    return all(hasattr(trainer, name) for name in _REQUIRED)
 
 
 def record_sft_metrics(
@@ -29,14 +36,13 @@ def record_sft_metrics(
     their ``targets`` (N,), or from ``stats`` = (entropy summed over the N positions, count of correct argmax
     predictions) computed elsewhere. Does nothing on trainers without TRL's metric store (plain
     ``transformers.Trainer``)."""
-    if not all(hasattr(trainer, name) for name in _REQUIRED):
+    if not keeps_sft_metrics(trainer):
         return
     metrics = trainer._metrics["train"]
     acc = trainer.accelerator
     with torch.no_grad():
         if stats is None:
-            logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-            stats = (-(logp.exp() * logp).sum(), (logits.argmax(-1) == targets).sum())
+            stats = logit_stats(logits, targets)
         n = acc.gather_for_metrics(torch.tensor(len(targets), device=targets.device)).sum()
         ent = acc.gather_for_metrics(stats[0].detach()).sum()
         correct = acc.gather_for_metrics(stats[1]).sum()

@@ -33,7 +33,8 @@ def plain_head(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None
 
 
 class FusedHead(torch.autograd.Function):
-    """(h (N, D), W (V, D), b) -> (nll_sum, dh (m, N, D), entropy_sum, correct), chunk by chunk of rows.
+    """(h (N, D), W (V, D), b) -> (nll_sum, dh (m, N, D), entropy_sum, correct), chunk by chunk of rows (the last
+    two only with ``with_stats``, zeros otherwise).
 
     With z = h W^T + b (float32), p = softmax(z) and draws y'_s ~ p (or uniform, with signs sigma): ``dh_s =
     r_s W``, ``r_s = sigma_s (e_{y'_s} - p)``, is d/dh of the summed token-F / logit-F scores (their first
@@ -48,7 +49,7 @@ class FusedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, targets, kind, num_samples, sampling, generator):
+    def forward(ctx, h, weight, bias, targets, kind, num_samples, sampling, generator, with_stats=False):
         N, V = h.shape[0], weight.shape[0]
         if sampling == "uniform":
             y = torch.randint(V, (N, num_samples), device=h.device, generator=generator)  # (N, m)
@@ -69,8 +70,9 @@ class FusedHead(torch.autograd.Function):
             if targets is not None:
                 t = targets[c0:c1].unsqueeze(1)
                 nll -= logp.gather(1, t).sum()
-                correct += (z.argmax(-1, keepdim=True) == t).sum()
-                ent -= (p * logp).sum()
+                if with_stats:
+                    correct += (z.argmax(-1, keepdim=True) == t).sum()
+                    ent -= (p * logp).sum()
             if signs is None:
                 cdf = p.cumsum(dim=-1)
                 y[c0:c1] = torch.searchsorted(cdf, u[c0:c1] * cdf[:, -1:], right=True).clamp_(max=V - 1)
@@ -121,7 +123,7 @@ class FusedHead(torch.autograd.Function):
             grad_h,
             None if grad_w is None else grad_w.to(weight.dtype),
             None if grad_b is None else grad_b.to(bias.dtype),
-            *(None,) * 5,
+            *(None,) * 6,
         )
 
 

@@ -63,7 +63,7 @@ from typing import Any
 
 import torch
 
-from noisyft._torch import unwrap_model
+from noisyft._torch import logit_stats, unwrap_model
 
 from .config import KINDS, SAMPLINGS
 from .head import FusedHead, plain_head
@@ -254,14 +254,15 @@ def fisher_penalty_from_hidden(
     create_graph: bool = True,
     targets: torch.Tensor | None = None,
     fused_head: bool = True,
+    stats: bool = False,
 ):
     """:func:`fisher_penalty_from_logits` from the final hidden states of the N predicted positions (N, D), with
     the LM head applied here: chunk by chunk through :class:`~noisyft.methods.fisher.head.FusedHead` where
     :func:`~noisyft.methods.fisher.head.plain_head` allows (and autocast is off), through the logits otherwise (or
     with ``fused_head=False``); same values, same gradients.
 
-    Returns ``penalty`` or, with ``targets``, ``(penalty, nll_sum, stats)``, ``stats`` = (entropy sum, correct
-    argmax count) over the N positions (TRL's logged metrics), as 0-d tensors.
+    Returns ``penalty`` or, with ``targets``, ``(penalty, nll_sum, stats)``; ``stats`` (only with ``stats=True``,
+    else None) = (entropy sum, correct argmax count) over the N positions, TRL's logged metrics, as 0-d tensors.
     """
     _check_args(kind, sampling, reduction, num_samples)
     head = plain_head(base) if fused_head else None
@@ -274,13 +275,7 @@ def fisher_penalty_from_hidden(
         )  # fmt: skip
         if targets is None:
             return result
-        with torch.no_grad():
-            logp = torch.log_softmax(logits.detach(), dim=-1)
-            stats = (
-                -(logp.exp() * logp).sum(),
-                (logits.detach().argmax(-1) == targets.to(logits.device)).sum(),
-            )
-        return (*result, stats)
+        return (*result, logit_stats(logits, targets) if stats else None)
     if not embeds.requires_grad:
         raise ValueError(
             "embeds must require grad (they are what the penalty differentiates with respect to)"
@@ -288,14 +283,14 @@ def fisher_penalty_from_hidden(
     weight, bias = head
     nll, dh, ent, correct = FusedHead.apply(
         hidden, weight, bias, None if targets is None else targets.to(hidden.device), kind, num_samples, sampling,
-        generator,
+        generator, stats,
     )  # fmt: skip
     grads = [
         torch.autograd.grad(hidden, embeds, dh[s], create_graph=create_graph, retain_graph=True)[0]
         for s in range(num_samples)
     ]  # each (B, T, D)
     penalty = _reduce(grads, embeds, token_mask, normalizer or max(hidden.shape[0], 1), reduction)
-    return penalty if targets is None else (penalty, nll, (ent, correct))
+    return penalty if targets is None else (penalty, nll, (ent, correct) if stats else None)
 
 
 def _reduce(grads, embeds, token_mask, normalizer, reduction) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 
 from noisyft._torch import rank_seed, unwrap_model
 from noisyft.methods.base import MethodPlugin
-from noisyft.trl_compat import record_sft_metrics
+from noisyft.trl_compat import keeps_sft_metrics, record_sft_metrics
 
 from .penalty import (
     capture_forward,
@@ -114,6 +114,7 @@ class FisherPlugin(MethodPlugin):
             generator=self.generator("sample", cap.embeds.device),
             normalizer=normalizer,
             targets=targets,
+            stats=shared and keeps_sft_metrics(trainer),
         )
         if shared:  # the cross-entropy from the same log-softmax, normalized as TRL's loss
             penalty, nll_sum, stats = result
