@@ -215,3 +215,34 @@ def test_a_second_worker_joins_the_study_and_no_trial_runs_twice(tmp_path):
     study = optuna.load_study(study_name="fake", storage=f"sqlite:///{out / 'study.db'}")
     workers = {t.user_attrs["pid"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
     assert len(workers) == 2  # both processes ran trials
+
+
+def _open_after(barrier, url: str, results) -> None:
+    from noisyft.experiment.runner import open_storage
+
+    barrier.wait()
+    try:
+        open_storage(url)
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
+def test_workers_that_open_a_new_sqlite_study_at_the_same_moment_all_succeed(tmp_path):
+    # Optuna stamps a new database's schema on first open; unguarded, two workers starting together collide
+    # ("UNIQUE constraint failed: alembic_version", seen in CI when `work` joined right after `run` began).
+    import multiprocessing
+
+    import optuna  # noqa: F401  (imported once here, so the forked workers start at the same line)
+
+    ctx = multiprocessing.get_context("fork")
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'study{round_}.db'}"
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_after, args=(barrier, url, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+        assert outcomes == ["ok"] * 4, outcomes

@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from noisyft._io import atomic_dir, cache_dir, packaged_file
+from noisyft._io import atomic_dir, cache_dir, file_lock, packaged_file
 
 logger = logging.getLogger(__name__)
 
@@ -107,21 +106,9 @@ def _cache_is_valid(folder: Path, gguf: Path) -> bool:
     return all(recorded.get(k) == v for k, v in expected.items() if k != "transformers_version")
 
 
-@contextlib.contextmanager
-def _conversion_lock(folder: Path) -> Iterator[None]:
+def _conversion_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
     """Serialize conversions between processes (POSIX `flock`; elsewhere, no lock)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
-        yield
-        return
-    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(folder.parent / f".{folder.name}.lock")
 
 
 def _ensure_pad_token(tokenizer: Any, model: Any | None = None) -> None:

@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from noisyft._io import file_lock
+
 from .results import trial_metrics
 from .settings_bridge import eval_file_settings, train_file_settings
 from .spec import ExperimentSpec, Range, trial_train_settings
@@ -42,14 +44,45 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
 
 
-def open_storage(url: str) -> Any:
+def _sqlite_file(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL; None for other URLs and in-memory databases."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def open_storage(url: str, *, attempts: int = 5) -> Any:
+    """Open (creating if new) the Optuna storage at `url`; safe when several workers open a new one at once.
+
+    Optuna stamps a new database's schema version on first open, and two workers doing that at the same moment
+    collide (``UNIQUE constraint failed: alembic_version``). For SQLite files the first open is serialized with
+    a lock file beside the database; for server databases a collision is retried, by which time the other
+    worker's stamp is there.
+    """
     import optuna
+    import sqlalchemy.exc
 
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
         return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
-    return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+    db = _sqlite_file(url)
+    attempt = 0
+    while True:
+        guard = file_lock(db.with_name(db.name + ".lock")) if db is not None else contextlib.nullcontext()
+        try:
+            with guard:
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as exc:
+            attempt += 1
+            racing = any(s in str(exc) for s in ("alembic_version", "already exists", "locked"))
+            if attempt >= attempts or not racing:
+                raise
+            logger.info("storage %s is being created by another worker; retrying", url)
+            time.sleep(0.2 * attempt)
 
 
 def _proc_start(pid: int) -> str | None:
