@@ -258,6 +258,8 @@ class _Attention(torch.autograd.Function):
         q, k, v, attn_mask, *rest = ctx.saved_tensors
         scale, is_causal = ctx.scale, ctx.is_causal
         if torch.is_grad_enabled():  # the penalty's gradient, differentiated again later
+            # out and lse enter as constants (detached): the explicit formulas already cover their dependence
+            rest = [t.detach() for t in rest]
             dq, dk, dv = _AttentionBackward.apply(q, k, v, do, attn_mask, is_causal, scale, *rest)
         elif ctx.fused:  # the outer backward: first derivatives only, the fused kernel's own backward
             out, lse = rest
