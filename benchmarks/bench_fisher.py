@@ -9,6 +9,8 @@ One model, one fixed batch per length, AdamW; variants interleaved round-robin i
   token-F-sub25  token-F on a random 25% subset of the predicted positions, reweighted (normalizer k = |P|/4):
                  unbiased; is it cheaper? (the double backward still runs through every layer)
   token-F-math   token-F with SDPA on its math backend (the previous implementation), for reference
+  token-F-ca     token-F with the outer backward under compiled autograd (inductor, static shapes): fuses the
+                 second-order graph's elementwise work; its first step compiles (timed apart, ``compile_s``)
 
 Time: every round runs every variant once; the ratio of a variant is taken against ``plain`` *in the same round*
 (paired, so a machine shared with other jobs moves both), and summarized by the geometric mean of the per-round
@@ -69,7 +71,13 @@ IMPLEMENTATION = (
     "attention: CPU flash kernel forward and first backward, blocked explicit double backward (64 query rows, "
     "causal blocks skipped); LM head: chunked FusedHead (128 rows), no (N, V) tensor kept"
 )
-VARIANTS = ("plain", "token-F", "logit-F", "token-F-sub25", "token-F-math")
+VARIANTS = (
+    "plain",
+    "token-F",
+    "logit-F",
+    "token-F-sub25",
+    "token-F-math",
+)  # token-F-ca on request (compiles)
 COEF = 1e-3  # any positive value: cost does not depend on it
 GATE_P = 0.25
 SUBSET = 0.25
@@ -119,7 +127,7 @@ class Stepper:
         m, b = self.model, self.batch
         if variant == "plain":
             return m(**b).loss
-        if variant in ("token-F", "logit-F", "token-F-math"):
+        if variant in ("token-F", "logit-F", "token-F-math", "token-F-ca"):
             kind = "logit" if variant == "logit-F" else "token"
             sdpa = "math" if variant == "token-F-math" else "fused"
             pen, ce = fisher_penalty(m, **b, kind=kind, generator=self.gen, return_loss=True, sdpa=sdpa)
@@ -134,13 +142,24 @@ class Stepper:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         t0, c0 = time.perf_counter(), time.process_time()
-        self.loss(variant).backward()
+        loss = self.loss(variant)
+        if variant == "token-F-ca":
+            from torch._dynamo import compiled_autograd
+
+            with compiled_autograd._enable(_inductor_static, dynamic=False):
+                loss.backward()
+        else:
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.cpu_s = time.process_time() - c0
         return time.perf_counter() - t0
+
+
+def _inductor_static(graph):
+    return torch.compile(graph, backend="inductor", dynamic=False)
 
 
 def setup(args, length: int):
@@ -233,6 +252,7 @@ def time_cell(args, length: int, variants) -> dict:
     model, batch, device = setup(args, length)
     stepper = Stepper(model, batch, device)
     stepper.step("plain")  # warm-up: AdamW state exists from here on
+    compile_s = {v: stepper.step(v) for v in variants if v.endswith("-ca")}  # first step: the compile
     times: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     order, rng, t0 = list(variants), random.Random(0), time.perf_counter()
@@ -256,7 +276,8 @@ def time_cell(args, length: int, variants) -> dict:
         "x_plain": 1 + GATE_P * (r["x_plain"] - 1),
         "ci95": [1 + GATE_P * (c - 1) for c in r["ci95"]],
     }
-    return {"time": rows, "raw_times_s": times, "raw_cpu_s": cpu}
+    extra = {"first_step_s_compile_included": compile_s} if compile_s else {}
+    return {"time": rows, "raw_times_s": times, "raw_cpu_s": cpu, **extra}
 
 
 def variance_cell(args, length: int, draws: int) -> dict:
