@@ -254,3 +254,23 @@ def test_workers_that_open_a_new_sqlite_study_at_the_same_moment_all_succeed(tmp
         for p in procs:
             p.join(timeout=60)
         assert outcomes == ["ok"] * 4, outcomes
+
+
+@pytest.mark.parametrize(
+    "storage, says",
+    [
+        ("notaurl", "is not a database URL"),
+        ("sqlite:///{tmp}/missing/study.db", "missing does not exist"),
+        ("journal:{tmp}/missing/journal.log", "needs a file in an existing folder"),
+        ("postgresql://nobody@127.0.0.1:1/db", "cannot be opened"),  # no driver here, or connection refused
+    ],
+)
+def test_a_storage_that_cannot_be_opened_is_a_one_line_error(tmp_path, capsys, storage, says):
+    spec = write_spec(tmp_path / "spec.yaml")
+    url = storage.format(tmp=tmp_path)
+    code = main(["run", str(spec), "--output-dir", str(tmp_path / "out"), "--storage", url, "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"noisyft experiment: error: storage {url!r}") and says in err, err
+    # and no folder was made for the user's path
+    assert "Traceback" not in err and not (tmp_path / "missing").exists()

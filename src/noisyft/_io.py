@@ -83,13 +83,13 @@ def current_umask() -> int:
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) between processes: POSIX `flock`, elsewhere none."""
+    """Hold an exclusive lock on `path` (created if missing; its folder must exist) between processes: POSIX
+    `flock`, elsewhere none."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
         yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -108,6 +108,7 @@ def _cache_is_valid(folder: Path, gguf: Path) -> bool:
 
 def _conversion_lock(folder: Path) -> contextlib.AbstractContextManager[None]:
     """Serialize conversions between processes (POSIX `flock`; elsewhere, no lock)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
     return file_lock(folder.parent / f".{folder.name}.lock")
 
 

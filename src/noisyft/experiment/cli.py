@@ -100,11 +100,14 @@ def _prepare_dir(spec, out_dir: Path) -> None:
 
 def _execute(spec, out_dir: Path, ns: argparse.Namespace) -> int:
     from .report import ReportError, write_report
-    from .runner import Runner, default_storage
+    from .runner import Runner, StorageError, default_storage
 
     if ns.workers < 1:
         return _fail(f"--workers must be >= 1, got {ns.workers}")
-    runner = Runner(spec, out_dir, ns.storage or default_storage(out_dir), shlex.split(ns.launcher))
+    try:
+        runner = Runner(spec, out_dir, ns.storage or default_storage(out_dir), shlex.split(ns.launcher))
+    except StorageError as exc:
+        return _fail(str(exc))
     try:
         counts = runner.run(workers=ns.workers, progress=not ns.no_progress)
     except KeyboardInterrupt:

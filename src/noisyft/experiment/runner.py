@@ -44,14 +44,27 @@ def default_storage(out_dir: Path) -> str:
     return f"sqlite:///{Path(out_dir).resolve() / 'study.db'}"
 
 
+class StorageError(ValueError):
+    """The ``--storage`` URL cannot be opened (malformed, missing driver, missing folder, unreachable server)."""
+
+
 def _sqlite_file(url: str) -> Path | None:
     """The database file of a ``sqlite:///PATH`` URL; None for other URLs and in-memory databases."""
+    import sqlalchemy.exc
     from sqlalchemy.engine import make_url
 
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except sqlalchemy.exc.ArgumentError:
+        raise StorageError(
+            f"storage {url!r} is not a database URL (sqlite:///PATH, postgresql://..., mysql://...) or journal:PATH"
+        ) from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
-    return Path(parsed.database)
+    db = Path(parsed.database)
+    if not db.parent.is_dir():
+        raise StorageError(f"storage {url!r}: the folder {db.parent} does not exist")
+    return db
 
 
 def open_storage(url: str, *, attempts: int = 5) -> Any:
@@ -68,7 +81,10 @@ def open_storage(url: str, *, attempts: int = 5) -> Any:
     if url.startswith("journal:"):
         from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(url[len("journal:") :]))
+        path = Path(url[len("journal:") :])
+        if not path.name or not path.parent.is_dir():
+            raise StorageError(f"storage {url!r}: journal:PATH needs a file in an existing folder")
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     db = _sqlite_file(url)
     attempt = 0
     while True:
@@ -80,9 +96,15 @@ def open_storage(url: str, *, attempts: int = 5) -> Any:
             attempt += 1
             racing = any(s in str(exc) for s in ("alembic_version", "already exists", "locked"))
             if attempt >= attempts or not racing:
-                raise
+                raise StorageError(f"storage {url!r} cannot be opened: {_first_line(exc)}") from exc
             logger.info("storage %s is being created by another worker; retrying", url)
             time.sleep(0.2 * attempt)
+        except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver installed, bad URL parts
+            raise StorageError(f"storage {url!r} cannot be opened: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
 
 
 def _proc_start(pid: int) -> str | None:
