@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import threading
 import time
@@ -57,13 +58,13 @@ def _sqlite_file(url: str) -> Path | None:
         parsed = make_url(url)
     except sqlalchemy.exc.ArgumentError:
         raise StorageError(
-            f"storage {url!r} is not a database URL (sqlite:///PATH, postgresql://..., mysql://...) or journal:PATH"
+            f"storage {_shown(url)!r} is not a database URL (sqlite:///PATH, postgresql://..., mysql://...) or journal:PATH"
         ) from None
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         return None
     db = Path(parsed.database)
     if not db.parent.is_dir():
-        raise StorageError(f"storage {url!r}: the folder {db.parent} does not exist")
+        raise StorageError(f"storage {_shown(url)!r}: the folder {db.parent} does not exist")
     return db
 
 
@@ -83,7 +84,7 @@ def open_storage(url: str, *, attempts: int = 5) -> Any:
 
         path = Path(url[len("journal:") :])
         if not path.name or not path.parent.is_dir():
-            raise StorageError(f"storage {url!r}: journal:PATH needs a file in an existing folder")
+            raise StorageError(f"storage {_shown(url)!r}: journal:PATH needs a file in an existing folder")
         return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
     db = _sqlite_file(url)
     attempt = 0
@@ -96,15 +97,20 @@ def open_storage(url: str, *, attempts: int = 5) -> Any:
             attempt += 1
             racing = any(s in str(exc) for s in ("alembic_version", "already exists", "locked"))
             if attempt >= attempts or not racing:
-                raise StorageError(f"storage {url!r} cannot be opened: {_first_line(exc)}") from exc
-            logger.info("storage %s is being created by another worker; retrying", url)
+                raise StorageError(f"storage {_shown(url)!r} cannot be opened: {_first_line(exc)}") from exc
+            logger.info("storage %s is being created by another worker; retrying", _shown(url))
             time.sleep(0.2 * attempt)
         except (ImportError, sqlalchemy.exc.SQLAlchemyError) as exc:  # no driver installed, bad URL parts
-            raise StorageError(f"storage {url!r} cannot be opened: {_first_line(exc)}") from exc
+            raise StorageError(f"storage {_shown(url)!r} cannot be opened: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return _shown(str(exc).strip().splitlines()[0]) if str(exc).strip() else type(exc).__name__
+
+
+def _shown(text: str) -> str:
+    """`text` with the password of any ``scheme://user:password@host`` URL in it masked (for messages, logs)."""
+    return re.sub(r"(://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
 
 
 def _proc_start(pid: int) -> str | None:
