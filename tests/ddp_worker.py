@@ -14,6 +14,7 @@ def main(out_dir: str) -> None:
     from trl import SFTConfig
 
     from noisyft import NEFTuneConfig, NoisySFTTrainer, NoisyTuneConfig
+    from noisyft._torch import end_process_group
     from noisyft.methods.neftune import noise as neftune_module
 
     from conftest import tiny_llama, tiny_tokenizer
@@ -60,6 +61,7 @@ def main(out_dir: str) -> None:
         },
         os.path.join(out_dir, f"rank{rank}.pt"),
     )
+    end_process_group(wait=True)  # left to interpreter exit, gloo aborts a rank now and then
 
 
 if __name__ == "__main__":

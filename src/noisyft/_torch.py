@@ -63,3 +63,18 @@ class SeededStream:
         if state is not None:
             self._pending = state["generator_state"]
             self._generator = None
+
+
+def end_process_group(*, wait: bool) -> None:
+    """Destroy the default process group, if this process (torchrun, accelerate launch) started one.
+
+    Left to interpreter exit, gloo's worker threads can outlive the interpreter and abort the process now and then
+    ("terminate called without an active exception", SIGABRT: pytorch/pytorch#190489). ``wait``: first a barrier,
+    so that no rank tears its connections down while another still uses them (the normal end of a run).
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()

@@ -40,12 +40,17 @@ def run(ns: argparse.Namespace) -> int:
     if cfg is None:
         return code
     _cli.setup_logging()
+    from noisyft._torch import end_process_group
     from noisyft.recipe import TrainError, run_train
 
+    ok = False
     try:
         result = run_train(cfg)
+        ok = True
     except TrainError as exc:
         return _cli.fail("train", exc)
+    finally:
+        end_process_group(wait=ok)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun / accelerate: one summary, from rank 0
         return 0
     print()
