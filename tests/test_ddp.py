@@ -26,3 +26,19 @@ def test_two_process_ddp_draws_different_noise_per_rank(tmp_path):
     # same NoisyTune perturbation on both ranks + DDP gradient averaging: replicas end identical
     for name, p in r0["params"].items():
         assert torch.equal(p, r1["params"][name]), name
+
+
+def test_a_run_ends_its_process_group(tmp_path):
+    # `noisyft train` under torchrun ends with this; left to interpreter exit, gloo aborted a rank now and then
+    import torch.distributed as dist
+
+    from noisyft._torch import end_process_group
+
+    end_process_group(wait=True)  # no group: nothing to do
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        end_process_group(wait=True)
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
