@@ -72,8 +72,8 @@ def open_storage(url: str, *, attempts: int = 5) -> Any:
     """Open (creating if new) the Optuna storage at `url`; safe when several workers open a new one at once.
 
     Optuna stamps a new database's schema version on first open, and two workers doing that at the same moment
-    collide (``UNIQUE constraint failed: alembic_version``). For SQLite files the first open is serialized with
-    a lock file beside the database; for server databases a collision is retried, by which time the other
+    collide (``UNIQUE constraint failed: alembic_version``). For SQLite files the opens are serialized with a
+    lock file beside the database (``study.db.lock``); for server databases a collision is retried, by which time the other
     worker's stamp is there.
     """
     import optuna
